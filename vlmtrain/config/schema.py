@@ -1,0 +1,268 @@
+"""Configuration dataclasses for one training stage; every field documents itself and is validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MODULE_GROUPS = ("vision", "projector", "language")
+MaskMode = Literal["bidirectional", "prefix", "causal"]
+AttnBackend = Literal["sdpa", "flex", "eager"]
+NoiseStrategy = Literal["random_token"]
+
+
+class ValidationError(ValueError):
+    """An impossible value; `path` is the dotted key path inside the stage config."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+def _require(condition: bool, path: str, message: str) -> None:
+    if not condition:
+        raise ValidationError(path, message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which vision tower, projector and language model make up the VLM."""
+
+    vision: str | None = "google/siglip-so400m-patch14-224"
+    """Hub id or local directory of a SigLIP checkpoint (a full SigLIP or a vision-only one)."""
+    vision_config: dict[str, Any] | None = None
+    """SiglipVisionConfig keyword arguments: build a randomly initialised tower instead of loading one."""
+    language: str | None = "Qwen/Qwen2.5-0.5B"
+    """Hub id or local directory of a Qwen2 causal LM checkpoint."""
+    language_config: dict[str, Any] | None = None
+    """Qwen2Config keyword arguments: build a randomly initialised LM instead of loading one."""
+    tokenizer: str | None = None
+    """Hub id or directory of the tokenizer; defaults to `language`."""
+    vision_feature_layer: int = -1
+    """Which hidden state of the vision tower feeds the projector (-1: the last encoder layer)."""
+    projector_hidden_act: str = "gelu"
+    """Activation between the projector's two linear layers (the paper uses GELU)."""
+    attn_backend: AttnBackend = "sdpa"
+    """Attention kernel of the LM: `sdpa` (boolean 4D mask), `flex` (FlexAttention BlockMask) or `eager`."""
+
+    def validate(self, path: str) -> None:
+        for part, cfg in (("vision", self.vision_config), ("language", self.language_config)):
+            source = getattr(self, part)
+            _require(
+                (source is None) != (cfg is None),
+                f"{path}.{part}",
+                f"give exactly one of `{part}` (a checkpoint) or `{part}_config` (random init)",
+            )
+
+
+@dataclass(frozen=True)
+class ModuleGroupConfig:
+    """Trainability and learning rate of one module group (vision, projector or language)."""
+
+    trainable: bool
+    """Whether the group's parameters are optimised; frozen groups get no gradients and no optimizer state."""
+    lr: float
+    """Peak learning rate of the group; must be 0 for a frozen group and > 0 for a trainable one."""
+
+    def validate(self, path: str) -> None:
+        _require(self.lr >= 0, f"{path}.lr", f"learning rate must be >= 0, got {self.lr}")
+        if self.trainable:
+            _require(
+                self.lr > 0, f"{path}.lr", "a trainable group needs lr > 0 (set trainable: false to freeze)"
+            )
+        else:
+            _require(self.lr == 0, f"{path}.lr", f"a frozen group must have lr 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Attention pattern of the stage and the stage-0 input noise."""
+
+    mode: MaskMode = "prefix"
+    """`bidirectional` (stage 0), `prefix` (image sees image, text causal and sees the image) or `causal`."""
+    noise_ratio: float = 0.0
+    """Fraction of text input tokens replaced by noise (stage 0: 0.2); labels keep the clean tokens."""
+    noise_strategy: NoiseStrategy = "random_token"
+    """How a corrupted token is replaced: `random_token` draws uniformly from the non-special vocabulary."""
+
+    def validate(self, path: str) -> None:
+        _require(
+            0.0 <= self.noise_ratio <= 1.0,
+            f"{path}.noise_ratio",
+            f"must be in [0, 1], got {self.noise_ratio}",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the stage's training shards are and how samples become token sequences."""
+
+    dataset: str = ""
+    """Human-readable dataset name (e.g. COCO-118k-Recap), logged and recorded with the output."""
+    train: str = ""
+    """Manifest (`.../manifest.json`) or brace pattern of the WebDataset shards to train on."""
+    max_length: int = 2048
+    """Longest sequence in tokens, image tokens included; longer conversations lose trailing turns."""
+    pack_length: int | None = None
+    """Pack samples into rows of this many tokens (None: one sample per row, padded)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    caption_choice: Literal["first", "random"] = "random"
+    """Which reference caption a caption sample trains on each epoch."""
+
+    def validate(self, path: str) -> None:
+        _require(self.max_length > 0, f"{path}.max_length", f"must be > 0, got {self.max_length}")
+        if self.pack_length is not None:
+            _require(
+                self.pack_length >= self.max_length,
+                f"{path}.pack_length",
+                f"must be >= max_length ({self.max_length}) so every sample fits a row",
+            )
+        _require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Global batch and how it is split into micro-batches and accumulation steps."""
+
+    global_batch_size: int = 128
+    """Samples per optimizer step over all ranks (the paper: 128)."""
+    micro_batch_size: int = 8
+    """Samples per forward pass on one rank; accumulation = global / (micro * world size)."""
+
+    def validate(self, path: str) -> None:
+        _require(self.global_batch_size > 0, f"{path}.global_batch_size", "must be > 0")
+        _require(self.micro_batch_size > 0, f"{path}.micro_batch_size", "must be > 0")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"{path}.global_batch_size",
+            f"{self.global_batch_size} is not divisible by micro_batch_size {self.micro_batch_size}",
+        )
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValidationError(
+                "batch.global_batch_size",
+                f"{self.global_batch_size} is not divisible by micro_batch_size x world size = {per_step}",
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule shared by all module groups."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW beta1, beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to biases and norm weights."""
+    min_lr: float = 1e-8
+    """Learning rate at the end of the cosine decay (the paper: 1e-8)."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps with linear warmup from 0 before the cosine decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    def validate(self, path: str) -> None:
+        for i, b in enumerate(self.betas):
+            _require(0.0 <= b < 1.0, f"{path}.betas[{i}]", f"must be in [0, 1), got {b}")
+        _require(self.eps > 0, f"{path}.eps", "must be > 0")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        _require(self.min_lr >= 0, f"{path}.min_lr", "must be >= 0")
+        _require(0.0 <= self.warmup_ratio < 1.0, f"{path}.warmup_ratio", "must be in [0, 1)")
+        _require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of the stage, numerics, checkpointing and logging."""
+
+    epochs: float = 1.0
+    """Passes over the stage's data (fractional values allowed); sets the number of optimizer steps."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides `epochs` when set)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Parameter and compute dtype of the engine."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward for the towers that backward passes through."""
+    engine: Literal["deepspeed", "fsdp"] = "deepspeed"
+    """Distributed engine."""
+    ds_config: str = "zero2_bf16"
+    """DeepSpeed config: a file path or the name of one shipped in ds_configs/."""
+    seed: int = 0
+    """Seed for initialisation, data order and noise."""
+    save_every: int = 500
+    """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many periodic checkpoints to keep."""
+    log_every: int = 1
+    """Print and record metrics every N optimizer steps."""
+    max_bad_steps: int = 5
+    """Stop with an error after this many consecutive non-finite steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files."""
+
+    def validate(self, path: str) -> None:
+        _require(self.epochs > 0, f"{path}.epochs", "must be > 0")
+        if self.max_steps is not None:
+            _require(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
+        _require(self.save_every >= 0, f"{path}.save_every", "must be >= 0")
+        _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", "must be >= 1")
+        _require(self.log_every >= 1, f"{path}.log_every", "must be >= 1")
+        _require(self.max_bad_steps >= 1, f"{path}.max_bad_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: what trains, with which mask, on which data, for how long."""
+
+    name: str
+    """Stage name; also the folder of its output under the run directory."""
+    modules: dict[str, ModuleGroupConfig]
+    """Trainability and LR of each module group: `vision`, `projector`, `language`."""
+    description: str = ""
+    """Free text shown in logs."""
+    init_from: str | None = None
+    """Previous stage's name (its output under the run directory) or a path to a saved model; None: `model`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Components to build when `init_from` is None."""
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    """Attention mask mode and input noise."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Global and micro batch."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop settings."""
+
+    def validate(self, path: str = "") -> None:
+        prefix = f"{path}." if path else ""
+        _require(bool(self.name), f"{prefix}name", "must not be empty")
+        missing = [g for g in MODULE_GROUPS if g not in self.modules]
+        _require(
+            not missing,
+            f"{prefix}modules",
+            f"missing module group(s) {missing}; every stage names all of {MODULE_GROUPS}",
+        )
+        for group, cfg in self.modules.items():
+            cfg.validate(f"{prefix}modules.{group}")
+        _require(
+            any(cfg.trainable for cfg in self.modules.values()),
+            f"{prefix}modules",
+            "no module group is trainable; a stage must train something",
+        )
+        self.model.validate(f"{prefix}model")
+        self.mask.validate(f"{prefix}mask")
+        self.data.validate(f"{prefix}data")
+        self.batch.validate(f"{prefix}batch")
+        self.optim.validate(f"{prefix}optim")
+        self.train.validate(f"{prefix}train")
+
+    @property
+    def trainable_groups(self) -> tuple[str, ...]:
+        return tuple(g for g in MODULE_GROUPS if self.modules[g].trainable)

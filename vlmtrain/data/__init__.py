@@ -1,0 +1,1 @@
+"""Data: shard writing, streaming, sample processing and collation."""

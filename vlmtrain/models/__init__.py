@@ -1,0 +1,1 @@
+"""Models: SigLIP vision tower, MLP projector, Qwen2 LM, their composition, masks, noise and freezing."""

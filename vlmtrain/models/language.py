@@ -1,0 +1,35 @@
+"""Causal language model (Qwen2 by default): load or build it with the chosen attention backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
+
+
+def attn_implementation(backend: str) -> str:
+    if backend not in ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; expected one of {sorted(ATTN_IMPLEMENTATION)}"
+        )
+    return ATTN_IMPLEMENTATION[backend]
+
+
+def language_config_from_dict(config: dict[str, Any]):
+    """A transformers config from a plain dict; `model_type` defaults to qwen2."""
+    data = dict(config)
+    return AutoConfig.for_model(data.pop("model_type", "qwen2"), **data)
+
+
+def load_language_model(
+    name_or_path: str | None, config: dict[str, Any] | None = None, backend: str = "sdpa"
+) -> PreTrainedModel:
+    """A causal LM from a hub id / local dir or a config dict, with the attention kernel of `backend`."""
+    impl = attn_implementation(backend)
+    if config is not None:
+        return AutoModelForCausalLM.from_config(language_config_from_dict(config), attn_implementation=impl)
+    if name_or_path is None:
+        raise ValueError("give a language model checkpoint (hub id or directory) or a language_config")
+    return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=impl)

@@ -1,0 +1,125 @@
+"""Attention masks of the paper as pure functions of per-token sample ids and image flags.
+
+Layout convention (see vlmtrain.data.collate): `sample_ids[b, t]` is 1..k for the sample a token belongs
+to inside row b (several samples when rows are packed) and 0 for padding; `image_flags[b, t]` marks image
+tokens. A mask entry `allowed[b, q, k]` is True when query token q may attend to key token k.
+
+Modes:
+- `bidirectional` (stage 0): every token of a sample sees every token of the same sample.
+- `prefix` (stages 1-3): image tokens see all image tokens of their sample; text tokens are causal and
+  see the whole image; image tokens never see text.
+- `causal`: plain causal attention within a sample (the LLaVA baseline).
+
+Tokens never attend across samples. A padding query attends only to itself, so no softmax row is empty
+(an all-False row gives NaN in SDPA); its output is ignored by the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+MaskMode = Literal["bidirectional", "prefix", "causal"]
+MASK_MODES: tuple[str, ...] = ("bidirectional", "prefix", "causal")
+
+
+def _check(mode: str, sample_ids: torch.Tensor, image_flags: torch.Tensor) -> None:
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mode!r}; expected one of {MASK_MODES}")
+    if sample_ids.shape != image_flags.shape or sample_ids.dim() != 2:
+        raise ValueError(
+            f"sample_ids {tuple(sample_ids.shape)} and image_flags {tuple(image_flags.shape)} must both be [B, T]"
+        )
+
+
+def _allowed(
+    mode: str,
+    sid_q: torch.Tensor,
+    sid_k: torch.Tensor,
+    img_q: torch.Tensor,
+    img_k: torch.Tensor,
+    pos_q: torch.Tensor,
+    pos_k: torch.Tensor,
+) -> torch.Tensor:
+    """The mask rule on broadcastable index tensors; shared by the dense and the FlexAttention builders."""
+    same = (sid_q == sid_k) & (sid_q > 0)
+    if mode == "bidirectional":
+        rule = same
+    elif mode == "causal":
+        rule = same & (pos_k <= pos_q)
+    else:
+        # An image key is visible to every token of its sample (image tokens see the whole image, text sees
+        # the whole image); a text key only to text queries at or after it, so image never sees text.
+        rule = same & (img_k | (~img_q & (pos_k <= pos_q)))
+    return rule | ((sid_q == 0) & (pos_q == pos_k))
+
+
+def attention_allowed(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor) -> torch.Tensor:
+    """Dense boolean mask [B, T, T]: True where query t may attend to key s."""
+    _check(mode, sample_ids, image_flags)
+    t = sample_ids.shape[1]
+    pos = torch.arange(t, device=sample_ids.device)
+    img = image_flags.bool()
+    return _allowed(
+        mode,
+        sample_ids[:, :, None],
+        sample_ids[:, None, :],
+        img[:, :, None],
+        img[:, None, :],
+        pos[None, :, None],
+        pos[None, None, :],
+    )
+
+
+def sdpa_mask(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor) -> torch.Tensor:
+    """Boolean 4D mask [B, 1, T, T] for SDPA, handed to the LM as a prepared `attention_mask`."""
+    return attention_allowed(mode, sample_ids, image_flags)[:, None]
+
+
+def eager_mask(
+    mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive float 4D mask [B, 1, T, T] (0 where allowed, dtype minimum elsewhere) for eager attention."""
+    allowed = sdpa_mask(mode, sample_ids, image_flags)
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def flex_block_mask(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor):  # -> BlockMask
+    """FlexAttention BlockMask with the same rule; blocks that are fully masked are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _check(mode, sample_ids, image_flags)
+    sids = sample_ids.contiguous()
+    imgs = image_flags.bool().contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _allowed(mode, sids[b, q_idx], sids[b, kv_idx], imgs[b, q_idx], imgs[b, kv_idx], q_idx, kv_idx)
+
+    b, t = sids.shape
+    return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=sids.device)
+
+
+def prepare_mask(
+    backend: str, mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, dtype: torch.dtype
+):
+    """The mask in the form the LM's attention backend takes through its public `attention_mask` argument."""
+    if backend == "sdpa":
+        return sdpa_mask(mode, sample_ids, image_flags)
+    if backend == "eager":
+        return eager_mask(mode, sample_ids, image_flags, dtype)
+    if backend == "flex":
+        return flex_block_mask(mode, sample_ids, image_flags)
+    raise ValueError(f"unknown attention backend {backend!r}; expected sdpa, flex or eager")
+
+
+def position_ids_from_sample_ids(sample_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 for each sample of a packed row; padding gets 0."""
+    b, t = sample_ids.shape
+    idx = torch.arange(t, device=sample_ids.device).expand(b, t)
+    starts = torch.ones_like(sample_ids, dtype=torch.bool)
+    starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx))
+    start_idx = torch.cummax(start_idx, dim=1).values
+    return torch.where(sample_ids > 0, idx - start_idx, torch.zeros_like(idx))

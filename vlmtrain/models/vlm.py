@@ -1,0 +1,231 @@
+"""VisionLanguageModel: SigLIP -> projector -> causal LM with image features as the sequence prefix.
+
+Input embedding as in the paper: I = [p_1 .. p_P, L_1 .. L_n]. A batch carries the image as P placeholder
+tokens (`image_flags`) whose embeddings are replaced by the projected patch features, so text-only samples,
+padding and packed rows share one layout (see vlmtrain.data.collate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, SiglipVisionConfig, SiglipVisionModel
+
+from vlmtrain import __version__
+from vlmtrain.config.schema import ModelConfig
+from vlmtrain.data.tokenizer import image_token_id
+from vlmtrain.models.language import language_config_from_dict, load_language_model
+from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
+from vlmtrain.models.projector import Projector
+from vlmtrain.models.vision import load_vision_tower, num_patches, select_features
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "vlm_config.json"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    """Loss over the supervised tokens; `token_loss` is aligned with the label positions (zero elsewhere)."""
+
+    loss: torch.Tensor
+    token_loss: torch.Tensor  # [B, T] float32, loss of predicting labels[:, t] (0 where unsupervised)
+    num_label_tokens: int
+    logits: torch.Tensor | None = None  # [B, T, V] only when asked for
+
+
+class VisionLanguageModel(nn.Module):
+    """The paper's VLM. Module groups `vision`, `projector`, `language` are what stage configs name."""
+
+    GROUPS = ("vision", "projector", "language")
+
+    def __init__(
+        self,
+        vision: SiglipVisionModel,
+        projector: Projector,
+        language: PreTrainedModel,
+        image_token_id: int,
+        vision_feature_layer: int = -1,
+        attn_backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.language = language
+        self.image_token_id = image_token_id
+        self.vision_feature_layer = vision_feature_layer
+        self.attn_backend = attn_backend
+        self.num_image_tokens = num_patches(vision.config)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> VisionLanguageModel:
+        """Load or build every component as `cfg` says; the tokenizer provides the image token."""
+        vision = load_vision_tower(cfg.vision, cfg.vision_config)
+        language = load_language_model(cfg.language, cfg.language_config, cfg.attn_backend)
+        img_id = image_token_id(tokenizer)
+        if len(tokenizer) > language.get_input_embeddings().num_embeddings:
+            language.resize_token_embeddings(len(tokenizer))
+        projector = Projector(
+            vision.config.hidden_size, language.config.hidden_size, cfg.projector_hidden_act
+        )
+        return cls(vision, projector, language, img_id, cfg.vision_feature_layer, cfg.attn_backend)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "projector": self.projector, "language": self.language}
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters no forward pass reaches: they must stay frozen (they would never get gradients)."""
+        n_layers = self.vision.config.num_hidden_layers
+        layer = self.vision_feature_layer % (n_layers + 1)  # index into hidden_states (0 = embeddings)
+        # hidden_states are taken before SigLIP's post_layernorm, and layers past `layer` do not feed it.
+        unused = list(self.vision.post_layernorm.parameters())
+        for i in range(layer, n_layers):
+            unused += list(self.vision.encoder.layers[i].parameters())
+        return unused
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens [N, P, d_text]; a frozen tower runs without autograd."""
+        tower_trains = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            feats = select_features(
+                self.vision, pixel_values.to(self.vision.dtype), self.vision_feature_layer
+            )
+        return self.projector(feats.to(self.projector.linear_1.weight.dtype))
+
+    def embed(
+        self, input_ids: torch.Tensor, image_flags: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings with the image placeholder positions replaced by projected image tokens."""
+        embeds = self.language.get_input_embeddings()(input_ids)  # [B, T, D]
+        n_slots = int(image_flags.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_slots != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"batch has {n_slots} image-token positions but {n_images} images x {self.num_image_tokens} "
+                "tokens each; the collator and the model disagree on tokens per image"
+            )
+        if n_images == 0:
+            return embeds
+        image_tokens = self.encode_images(pixel_values).to(embeds.dtype)  # [N, P, D]
+        return embeds.masked_scatter(
+            image_flags[..., None].to(embeds.device), image_tokens.reshape(-1, embeds.shape[-1])
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        sample_ids: torch.Tensor,
+        image_flags: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        mask_mode: str = "prefix",
+        return_logits: bool = False,
+        **_: Any,
+    ) -> VLMOutput:
+        """Loss of predicting `labels` (HF convention, shifted here) under the stage's attention mask."""
+        image_flags = image_flags.bool()
+        embeds = self.embed(input_ids, image_flags, pixel_values)
+        if position_ids is None:
+            position_ids = position_ids_from_sample_ids(sample_ids)
+        mask = prepare_mask(self.attn_backend, mask_mode, sample_ids, image_flags, embeds.dtype)
+        hidden = self.language.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [B, T, D]
+        head = self.language.get_output_embeddings()
+        logits = head(hidden) if return_logits else None
+        if labels is None:
+            zero = hidden.new_zeros((), dtype=torch.float32)
+            return VLMOutput(zero, torch.zeros_like(input_ids, dtype=torch.float32), 0, logits)
+
+        # Position t predicts token t+1 of the same sample; never across a packed-row boundary.
+        target = labels[:, 1:]
+        valid = (target != IGNORE_INDEX) & (sample_ids[:, 1:] == sample_ids[:, :-1]) & (sample_ids[:, 1:] > 0)
+        # Only supervised positions go through the LM head: vocab x tokens is the largest tensor of a step.
+        picked = logits[:, :-1][valid] if logits is not None else head(hidden[:, :-1][valid])
+        losses = F.cross_entropy(picked.float(), target[valid], reduction="none")
+        token_loss = torch.zeros_like(labels, dtype=torch.float32)
+        token_loss[:, 1:][valid] = losses
+        n = int(valid.sum())
+        loss = losses.sum() / max(n, 1)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            # No image in this micro-batch: touch the image path with weight 0 so every rank produces a
+            # gradient (zeros) for the same trainable parameters, as distributed reductions expect.
+            loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters() if p.requires_grad)
+            loss = loss + 0.0 * sum(p.sum() for p in self.vision.parameters() if p.requires_grad)
+        return VLMOutput(loss, token_loss, n, logits)
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "vlmtrain_version": __version__,
+            "vision_config": self.vision.config.to_dict(),
+            "language_config": self.language.config.to_dict(),
+            "projector": {
+                "vision_dim": self.projector.vision_dim,
+                "text_dim": self.projector.text_dim,
+                "act": self.projector.act_name,
+            },
+            "image_token_id": self.image_token_id,
+            "vision_feature_layer": self.vision_feature_layer,
+            "num_image_tokens": self.num_image_tokens,
+            "attn_backend": self.attn_backend,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `model.safetensors` and `vlm_config.json` (each atomically) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{WEIGHTS_NAME}.tmp"
+        # save_model de-duplicates tied tensors (Qwen ties its input and output embeddings).
+        save_model(self, str(tmp), metadata={"format": "pt", "vlmtrain_version": __version__})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        tmp_cfg = directory / f".{CONFIG_NAME}.tmp"
+        tmp_cfg.write_text(json.dumps(self.config_dict(), indent=2, default=str))
+        os.replace(tmp_cfg, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, attn_backend: str | None = None) -> VisionLanguageModel:
+        """Load a model saved by `save_pretrained`; only safetensors weights are read."""
+        directory = Path(directory)
+        cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (cfg_path, weights):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: {directory} is not a vlmtrain model directory")
+        cfg = json.loads(cfg_path.read_text())
+        backend = attn_backend or cfg.get("attn_backend", "sdpa")
+        vision_cfg = SiglipVisionConfig.from_dict(cfg["vision_config"])
+        vision_cfg._attn_implementation = "sdpa"
+        vision = SiglipVisionModel(vision_cfg)
+        language = load_language_model(None, _strip_config(cfg["language_config"]), backend)
+        p = cfg["projector"]
+        model = cls(
+            vision,
+            Projector(p["vision_dim"], p["text_dim"], p["act"]),
+            language,
+            cfg["image_token_id"],
+            cfg["vision_feature_layer"],
+            backend,
+        )
+        missing, unexpected = load_model(model, str(weights), strict=True)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+
+def _strip_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Config dict without keys that describe a saved file rather than the architecture."""
+    drop = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"}
+    out = {k: v for k, v in config.items() if k not in drop}
+    language_config_from_dict(out)  # fail here, naming the config, rather than deep inside from_config
+    return out
