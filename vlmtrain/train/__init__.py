@@ -1,0 +1,1 @@
+"""Training: the backend-agnostic loop, engines, optimizer groups, schedules and checkpoints."""

@@ -1,0 +1,153 @@
+"""Resumable checkpoints: safetensors + JSON only, written to a temp folder and renamed when every rank is done.
+
+Layout of `<stage dir>/checkpoints/step-00000100/`:
+  model.safetensors        trainable parameters, fp32 master copies (full tensors, any world size can load)
+  optimizer.safetensors    AdamW moments `exp_avg.<name>` / `exp_avg_sq.<name>`
+  rng-rank00000.safetensors  per-rank torch RNG states
+  trainer_state.json       step, counters, scheduler and reader position, world size
+  COMPLETE                 written last; a folder without it is a half-written checkpoint and is ignored
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmtrain.dist import DistContext, barrier
+from vlmtrain.train.engines.base import EngineState
+
+PREFIX = "step-"
+PARTIAL = ".partial"
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    engine: EngineState
+    trainer: dict[str, Any]
+    rng: dict[str, torch.Tensor] | None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    engine_state: EngineState,
+    trainer_state: dict[str, Any],
+    ctx: DistContext,
+    keep: int,
+) -> Path:
+    """Collective. Returns the final path; only complete checkpoints ever carry a step-* name."""
+    final = root / checkpoint_name(step)
+    tmp = root / (checkpoint_name(step) + PARTIAL)
+    if ctx.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_file(_rng_state(), str(tmp / f"rng-rank{ctx.rank:05d}.safetensors"))
+    if ctx.is_main:
+        save_file(engine_state.params, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        moments = {f"exp_avg.{k}": v for k, v in engine_state.exp_avg.items()}
+        moments.update({f"exp_avg_sq.{k}": v for k, v in engine_state.exp_avg_sq.items()})
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        meta = dict(trainer_state)
+        meta.update(
+            step=step,
+            world_size=ctx.world_size,
+            optimizer_steps=engine_state.optimizer_steps,
+            scheduler_steps=engine_state.scheduler_steps,
+        )
+        _atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, indent=2))
+    barrier()  # every rank has written its files
+    if ctx.is_main:
+        _atomic_write_text(tmp / COMPLETE, f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(root / "latest", final.name + "\n")
+        prune_checkpoints(root, keep)
+    barrier()
+    return final
+
+
+def list_complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written ones are reported and skipped."""
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.glob(f"{PREFIX}*")):
+        if not path.is_dir():
+            continue
+        if path.name.endswith(PARTIAL) or not (path / COMPLETE).is_file():
+            warnings.warn(f"ignoring half-written checkpoint {path} (no {COMPLETE} marker)", stacklevel=2)
+            continue
+        out.append(path)
+    return out
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    complete = list_complete(root)
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Path | None:
+    complete = list_complete(root)
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, ctx: DistContext) -> Checkpoint:
+    """Read a complete checkpoint; tensors are loaded on rank 0 only (the engine scatters them)."""
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    engine = EngineState(
+        optimizer_steps=trainer["optimizer_steps"], scheduler_steps=trainer["scheduler_steps"]
+    )
+    if ctx.is_main:
+        engine.params = load_file(str(path / "model.safetensors"))
+        moments = load_file(str(path / "optimizer.safetensors"))
+        engine.exp_avg = {k[len("exp_avg.") :]: v for k, v in moments.items() if k.startswith("exp_avg.")}
+        engine.exp_avg_sq = {
+            k[len("exp_avg_sq.") :]: v for k, v in moments.items() if k.startswith("exp_avg_sq.")
+        }
+    rng_path = path / f"rng-rank{ctx.rank:05d}.safetensors"
+    rng = load_file(str(rng_path)) if rng_path.is_file() and trainer["world_size"] == ctx.world_size else None
+    return Checkpoint(path, engine, trainer, rng)
+
+
+def restore_rng(rng: dict[str, torch.Tensor] | None) -> None:
+    if rng is None:
+        return
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])

@@ -1,0 +1,153 @@
+"""Run stages end to end: resolve configs and `init_from`, build model, tokenizer and data, train, chain."""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from vlmtrain.config.schema import StageConfig
+from vlmtrain.dist import DistContext, barrier
+from vlmtrain.logging import console_for
+from vlmtrain.models.freeze import apply_trainability, trainability_table
+from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
+from vlmtrain.train.trainer import FINAL, Fault, StageResult, Trainer, is_stage_complete
+
+
+def resolve_init(stage: StageConfig, run_dir: Path) -> Path | None:
+    """`init_from` as a directory: a previous stage's output under the run directory, or a path."""
+    if stage.init_from is None:
+        return None
+    candidates = [run_dir / stage.init_from / FINAL, Path(stage.init_from)]
+    for c in candidates:
+        if (c / CONFIG_NAME).is_file():
+            return c
+    raise FileNotFoundError(
+        f"stage {stage.name}: init_from={stage.init_from!r} found no model at {candidates[0]} or {candidates[1]}; "
+        f"run stage {stage.init_from!r} first (same --run-dir) or point init_from at a saved model directory"
+    )
+
+
+def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionLanguageModel, object]:
+    init = resolve_init(stage, run_dir)
+    if init is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(init))
+        model = VisionLanguageModel.from_pretrained(init, attn_backend=stage.model.attn_backend)
+        return model, tokenizer
+    source = stage.model.tokenizer or stage.model.language
+    if source is None:
+        raise ValueError(
+            f"stage {stage.name}: model.tokenizer is required when the LM is built from a config"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(stage.train.seed)
+    return VisionLanguageModel.from_config(stage.model, tokenizer), tokenizer
+
+
+def total_steps_for(stage: StageConfig) -> int:
+    """Optimizer steps of the stage: `max_steps`, or epochs x samples / global batch."""
+    if stage.train.max_steps is not None:
+        return stage.train.max_steps
+    from vlmtrain.data.stream import load_source
+
+    shards = load_source(stage.data.train)
+    counts = [s.samples for s in shards]
+    if any(c is None for c in counts):
+        raise ValueError(
+            f"stage {stage.name}: {stage.data.train} has no manifest with sample counts; set train.max_steps"
+        )
+    n = sum(counts)  # type: ignore[arg-type]
+    steps = math.floor(stage.train.epochs * n / stage.batch.global_batch_size)
+    if steps < 1:
+        raise ValueError(
+            f"stage {stage.name}: {n} samples x {stage.train.epochs} epochs is less than one global batch of "
+            f"{stage.batch.global_batch_size}; lower batch.global_batch_size or add data"
+        )
+    return steps
+
+
+def make_loader_factory(stage: StageConfig, model: VisionLanguageModel, tokenizer, ctx: DistContext):
+    from vlmtrain.data.process import ImageTransform, ProcessorConfig, SampleProcessor
+    from vlmtrain.data.stream import build_loader
+
+    processor = SampleProcessor(
+        tokenizer,
+        ProcessorConfig(
+            max_length=stage.data.max_length,
+            num_image_tokens=model.num_image_tokens,
+            caption_choice=stage.data.caption_choice,
+            seed=stage.train.seed,
+        ),
+        ImageTransform(image_size=model.vision.config.image_size),
+    )
+
+    def factory(state):
+        return build_loader(
+            stage.data.train,
+            processor,
+            micro_batch_size=stage.batch.micro_batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=stage.data.num_workers,
+            seed=stage.train.seed,
+            pad_token_id=tokenizer.pad_token_id,
+            shuffle=True,
+            resample=True,
+            pack_length=stage.data.pack_length,
+            state=state,
+            pin_memory=ctx.device.type == "cuda",
+        )
+
+    return factory
+
+
+def run_stage(
+    stage: StageConfig, run_dir: Path, ctx: DistContext, resume: bool = False, fault: Fault | None = None
+) -> StageResult:
+    console = console_for(ctx.is_main)
+    stage_dir = run_dir / stage.name
+    console.rule(f"[bold]{stage.name}[/] {stage.description}")
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # paper: TF32 where fp32 is needed
+        torch.backends.cudnn.allow_tf32 = True
+    model, tokenizer = load_model_and_tokenizer(stage, run_dir)
+    apply_trainability(model, stage.modules)
+    console.print(trainability_table(model, stage.modules, f"{stage.name}: module groups"))
+    model.to(ctx.device)
+    total = total_steps_for(stage)
+    trainer = Trainer(
+        stage,
+        stage_dir,
+        ctx,
+        model,
+        tokenizer,
+        make_loader_factory(stage, model, tokenizer, ctx),
+        total,
+        fault,
+    )
+    return trainer.fit(resume=resume)
+
+
+def run_stages(
+    stages: Sequence[StageConfig], run_dir: Path, ctx: DistContext, resume: bool = False
+) -> list[StageResult | Path]:
+    """Train stages in order; with `resume`, stages whose output is complete are skipped."""
+    console = console_for(ctx.is_main)
+    results: list[StageResult | Path] = []
+    for stage in stages:
+        if resume and is_stage_complete(run_dir / stage.name):
+            console.print(
+                f"[bold]{stage.name}[/]: already complete at {run_dir / stage.name / FINAL}, skipping"
+            )
+            results.append(run_dir / stage.name / FINAL)
+            continue
+        results.append(run_stage(stage, run_dir, ctx, resume=resume))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        barrier()
+    return results

@@ -1,0 +1,383 @@
+"""The training loop for one stage, independent of the engine: steps, metrics, checkpoints, preemption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from safetensors.torch import save_file
+
+from vlmtrain.config.load import stage_config_to_dict
+from vlmtrain.config.schema import StageConfig
+from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
+from vlmtrain.logging import MetricsWriter, console_for, plot_loss_curves, read_metrics
+from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
+from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
+from vlmtrain.train import checkpoint as ckpt
+from vlmtrain.train.engines import Engine, make_engine
+from vlmtrain.train.optim import build_param_groups
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the SLURM scripts requeue the job on this status
+MODEL_KEYS = ("input_ids", "labels", "image_flags", "sample_ids", "position_ids", "pixel_values")
+FINAL = "final"
+DONE_MARKER = "STAGE_COMPLETE"
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint; exits the process with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.checkpoint = checkpoint
+
+
+class TooManyBadSteps(RuntimeError):
+    """Consecutive non-finite steps exceeded `train.max_bad_steps`."""
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class StageResult:
+    output: Path
+    steps: int
+    skipped_nonfinite: int
+    metrics: Path
+    resumed_from: Path | None
+
+
+LoaderFactory = Callable[
+    [dict[str, Any] | None], Any
+]  # reader state -> iterable of batches with state_dict()
+Fault = Callable[[int, int, torch.Tensor], torch.Tensor]  # (step, micro, loss) -> loss; tests inject NaNs
+
+
+def stable_seed(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def is_stage_complete(stage_dir: Path) -> bool:
+    return (stage_dir / FINAL / DONE_MARKER).is_file()
+
+
+class Trainer:
+    """Trains one stage. The model arrives with trainability already applied (models.freeze)."""
+
+    def __init__(
+        self,
+        stage: StageConfig,
+        stage_dir: Path,
+        ctx: DistContext,
+        model: VisionLanguageModel,
+        tokenizer: Any,
+        make_loader: LoaderFactory,
+        total_steps: int,
+        fault: Fault | None = None,
+    ) -> None:
+        self.stage, self.stage_dir, self.ctx = stage, stage_dir, ctx
+        self.model, self.tokenizer, self.make_loader = model, tokenizer, make_loader
+        self.total_steps = total_steps
+        self.fault = fault
+        self.console = console_for(ctx.is_main)
+        self.ckpt_root = stage_dir / "checkpoints"
+        self.noise_pool = ordinary_token_ids(
+            model.language.get_input_embeddings().num_embeddings, set(tokenizer.all_special_ids)
+        )
+
+    # ---- setup --------------------------------------------------------------------------------------
+    def _frozen_originals(self) -> dict[str, torch.Tensor]:
+        """Frozen weights as they came in (before the engine casts to bf16); rank 0 writes them out."""
+        if not self.ctx.is_main:
+            return {}
+        return {
+            n: p.detach().float().cpu().clone()
+            for n, p in self.model.named_parameters()
+            if not p.requires_grad
+        }
+
+    def _enable_checkpointing(self) -> None:
+        if not self.stage.train.gradient_checkpointing:
+            return
+        kwargs = {"use_reentrant": False}
+        # Backward runs through the LM whenever anything trains (the projector's gradient flows through it).
+        self.model.language.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.stage.modules["vision"].trainable:
+            self.model.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def _build_engine(self) -> Engine:
+        specs = build_param_groups(self.model, self.model.module_groups(), self.stage)
+        return make_engine(
+            self.stage.train.engine,
+            model=self.model,
+            stage=self.stage,
+            specs=specs,
+            total_steps=self.total_steps,
+            ctx=self.ctx,
+        )
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: batch[k].to(self.ctx.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+
+    def _add_noise(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> None:
+        ratio = self.stage.mask.noise_ratio
+        if ratio <= 0:
+            return
+        gen = torch.Generator().manual_seed(
+            stable_seed(self.stage.train.seed, "noise", step, micro, self.ctx.rank)
+        )
+        noisy, _ = corrupt_text_tokens(
+            batch["input_ids"].cpu(),
+            batch["sample_ids"].cpu(),
+            batch["image_flags"].cpu(),
+            ratio,
+            self.noise_pool,
+            gen,
+        )
+        batch["input_ids"] = noisy.to(self.ctx.device)  # labels keep the clean tokens
+
+    def train_step(self, engine: Engine, batches: Iterator[dict[str, Any]], step: int) -> dict[str, Any]:
+        """One optimizer step: `accumulation_steps` micro-batches, then the engine's (possibly skipped) update."""
+        losses, tokens, samples, label_tokens = [], 0, 0, 0
+        result = None
+        for micro in range(engine.accumulation_steps):
+            raw = next(batches)
+            batch = self._to_device(raw)
+            self._add_noise(batch, step, micro)
+            out = engine.forward(batch, self.stage.mask.mode)
+            loss = out.loss if self.fault is None else self.fault(step, micro, out.loss)
+            engine.backward(loss)
+            result = engine.step()
+            losses.append(float(loss.detach()))
+            tokens += int(raw["num_tokens"])
+            samples += int(raw["num_samples"])
+            label_tokens += out.num_label_tokens
+        assert result is not None and result.boundary, (
+            "micro-batch count and the engine's accumulation disagree"
+        )
+        local_loss = sum(losses) / len(losses)
+        finite = all(map(lambda v: v == v and abs(v) != float("inf"), losses))
+        totals = sum_over_ranks(
+            [local_loss if finite else 0.0, 1.0 if finite else 0.0, tokens, samples, label_tokens]
+        )
+        return {
+            "loss": totals[0] / totals[1] if totals[1] else float("nan"),
+            "tokens": int(totals[2]),
+            "samples": int(totals[3]),
+            "label_tokens": int(totals[4]),
+            "skipped": result.skipped,
+            "grad_norm": result.grad_norm,
+        }
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _trainer_state(self, loader: Any, step: int, counters: dict[str, int]) -> dict[str, Any]:
+        from vlmtrain.data.stream import merge_states
+
+        reader = merge_states(gather_objects(loader.state_dict()))
+        return {
+            "stage": self.stage.name,
+            "reader": reader,
+            "counters": counters,
+            "total_steps": self.total_steps,
+        }
+
+    def _save(self, engine: Engine, loader: Any, step: int, counters: dict[str, int]) -> Path:
+        state = engine.gather_state()
+        trainer_state = self._trainer_state(loader, step, counters)
+        return ckpt.save_checkpoint(
+            self.ckpt_root, step, state, trainer_state, self.ctx, keep=self.stage.train.keep_checkpoints
+        )
+
+    def _write_output(self, engine: Engine, frozen: dict[str, torch.Tensor]) -> Path:
+        """The stage's output: the full model (safetensors), tokenizer, model config and resolved stage config."""
+        state = engine.gather_state()
+        out = self.stage_dir / FINAL
+        if self.ctx.is_main:
+            tmp = self.stage_dir / (FINAL + ".partial")
+            tmp.mkdir(parents=True, exist_ok=True)
+            tensors = {**frozen, **state.params}
+            names = [n for n, _ in self.model.named_parameters()]
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise RuntimeError(f"stage output would lack {missing[:3]}")
+            save_file(
+                {n: tensors[n].contiguous() for n in names},
+                str(tmp / WEIGHTS_NAME),
+                metadata={"format": "pt"},
+            )
+            cfg = self.model.config_dict()
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
+            (tmp / "stage_config.json").write_text(json.dumps(stage_config_to_dict(self.stage), indent=2))
+            self.tokenizer.save_pretrained(str(tmp))
+            (tmp / DONE_MARKER).write_text("ok\n")
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            tmp.replace(out)
+        barrier()
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _lr_table(self, engine: Engine) -> Table:
+        table = Table(
+            title=f"{self.stage.name}: learning rate per optimizer group, read back from the engine"
+        )
+        table.add_column("group")
+        table.add_column("lr now", justify="right")
+        table.add_column("peak (config)", justify="right")
+        for name, lr in engine.group_lrs().items():
+            table.add_row(name, f"{lr:.3g}", f"{self.stage.modules[name.split('.')[0]].lr:g}")
+        return table
+
+    def fit(self, resume: bool = False) -> StageResult:
+        stage = self.stage
+        latest = ckpt.find_latest(self.ckpt_root) if resume else None
+        if not resume and ckpt.find_latest(self.ckpt_root) is not None:
+            raise FileExistsError(
+                f"{self.ckpt_root} already holds checkpoints; pass --resume auto to continue, "
+                "or choose another --run-dir"
+            )
+        frozen = self._frozen_originals()
+        self._enable_checkpointing()
+        self.model.train()
+        engine = self._build_engine()
+        counters = {"skipped_nonfinite": 0, "bad_streak": 0}
+        start, reader_state = 0, None
+        if latest is not None:
+            loaded = ckpt.load_checkpoint(latest, self.ctx)
+            engine.load_state(loaded.engine)
+            ckpt.restore_rng(loaded.rng)
+            start = int(loaded.trainer["step"])
+            counters.update(loaded.trainer.get("counters", {}))
+            reader_state = loaded.trainer["reader"]
+            self.console.print(f"[bold]{stage.name}[/]: resumed from {latest} at step {start}")
+        metrics = MetricsWriter(
+            self.stage_dir / "metrics.jsonl",
+            self.ctx.is_main,
+            self.stage_dir / "tensorboard" if stage.train.tensorboard else None,
+        )
+        metrics.truncate_after(start)
+        loader = self.make_loader(reader_state)
+        batches = iter(loader)
+        preempt = PreemptionFlag()
+        preempt.install()
+        step = start
+        try:
+            with self._progress() as progress:
+                task = progress.add_task(stage.name, total=self.total_steps, completed=start, info="")
+                t_last = time.perf_counter()
+                while step < self.total_steps:
+                    if any_rank(preempt.requested, self.ctx.device):
+                        path = self._save(engine, loader, step, counters)
+                        self.console.print(
+                            f"[yellow]preempted[/]: checkpoint {path}; exit {PREEMPTED_EXIT_CODE}"
+                        )
+                        raise Preempted(path)
+                    lrs = engine.group_lrs()
+                    if step == start:
+                        self.console.print(self._lr_table(engine))
+                    info = self.train_step(engine, batches, step)
+                    step += 1
+                    now = time.perf_counter()
+                    dt, t_last = now - t_last, now
+                    if info["skipped"]:
+                        counters["skipped_nonfinite"] += 1
+                        counters["bad_streak"] += 1
+                    else:
+                        counters["bad_streak"] = 0
+                    record = {
+                        "step": step,
+                        "loss": info["loss"],
+                        "lr": lrs,
+                        "grad_norm": info["grad_norm"],
+                        "skipped": info["skipped"],
+                        "skipped_nonfinite_total": counters["skipped_nonfinite"],
+                        "tokens": info["tokens"],
+                        "samples": info["samples"],
+                        "tokens_per_s": info["tokens"] / dt,
+                        "samples_per_s": info["samples"] / dt,
+                        "step_time_s": dt,
+                        "data_skipped": loader.skip_counts(),
+                    }
+                    if step % stage.train.log_every == 0 or step == self.total_steps:
+                        metrics.write(record)
+                    progress.update(task, completed=step, info=self._info(record))
+                    if counters["bad_streak"] >= stage.train.max_bad_steps:
+                        raise TooManyBadSteps(
+                            f"{stage.name}: {counters['bad_streak']} non-finite steps in a row at step {step} "
+                            f"(limit train.max_bad_steps={stage.train.max_bad_steps}); lower the LR or check the data"
+                        )
+                    if (
+                        stage.train.save_every
+                        and step % stage.train.save_every == 0
+                        and step < self.total_steps
+                    ):
+                        self._save(engine, loader, step, counters)
+            self._save(engine, loader, step, counters)
+            out = self._write_output(engine, frozen)
+        finally:
+            preempt.uninstall()
+            metrics.close()
+        if self.ctx.is_main:
+            points = [(r["step"], r["loss"]) for r in read_metrics(metrics.path) if not r["skipped"]]
+            plot_loss_curves({stage.name: points}, self.stage_dir / "loss.png", f"{stage.name} training loss")
+        return StageResult(out, step, counters["skipped_nonfinite"], metrics.path, latest)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.ctx.is_main,
+            transient=False,
+        )
+
+    @staticmethod
+    def _info(record: dict[str, Any]) -> str:
+        lrs = " ".join(
+            f"{k.split('.')[0][:4]}={v:.1e}" for k, v in record["lr"].items() if "no_decay" not in k
+        )
+        skipped = " [red]SKIPPED[/]" if record["skipped"] else ""
+        return (
+            f"loss {record['loss']:.4f} {lrs} {record['tokens_per_s']:.0f} tok/s "
+            f"{record['samples_per_s']:.1f} samples/s{skipped}"
+        )
