@@ -1,0 +1,1 @@
+"""Synthetic shapes world for `vlmtrain demo`: scenes, their true captions and Q&A, and the corpus files."""

@@ -1,0 +1,355 @@
+"""Write the demo corpus: PNG images plus LLaVA JSON, Karpathy-split JSON and VQA JSONL files about them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlmtrain.demo import text
+from vlmtrain.demo.scenes import MIN_IMAGE_SIZE, Scene, sample_scene, scene_split
+
+SPLITS: tuple[str, ...] = ("train", "test")
+CAPTIONS_PER_IMAGE = 5
+MIN_TURNS, MAX_TURNS = 2, 4
+
+# One drawn scene in TEST_EVERY (by content hash) belongs to the test split; see scenes.scene_split.
+TEST_EVERY = 8
+# Share of image conversations in the instruction set that open with a caption request (short or
+# detailed), so that a stage-3 model keeps captioning, as in LLaVA-Next's mixture.
+CAPTION_TURN_SHARE = 0.2
+# Text-only conversations make up this share of the instruction set (LLaVA-Next mixes in text-only data).
+TEXT_ONLY_SHARE = 0.05
+
+# Independent random streams, so e.g. the scene of test image 7 does not depend on how text was drawn.
+_STREAM_SCENES = {"train": 0, "test": 1}
+_STREAM_TEXT = {"train": 2, "test": 3}
+_STREAM_TEXT_ONLY = 4
+_STREAM_INSTRUCT_ORDER = 5
+
+
+@dataclass(frozen=True)
+class CorpusPaths:
+    """Where write_corpus put each file; image paths in the JSON files are relative to `images`."""
+
+    root: Path
+    """The output folder."""
+    images: Path
+    """Image root holding train/NNNNNN.png and test/NNNNNN.png."""
+    recap_train: Path
+    """LLaVA JSON: one detailed recap per train image (stages 0-2)."""
+    short_train: Path
+    """LLaVA JSON: one short human-style caption per train image (recap vs short comparison)."""
+    instruct_train: Path
+    """LLaVA JSON: multi-turn Q&A on train images plus text-only conversations (stage 3)."""
+    karpathy: Path
+    """Karpathy-split JSON over all images, five reference captions each."""
+    vqa_test: Path
+    """JSONL: single-turn questions on test images with exact answers."""
+    vqa_train_answers: Path
+    """JSON: answer counts of the train questions, for the majority-answer baseline."""
+    scenes_train: Path
+    """JSONL: the scene behind every train image."""
+    scenes_test: Path
+    """JSONL: the scene behind every test image."""
+    info: Path
+    """JSON: generation parameters and counts."""
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """Everything written about one image."""
+
+    split: str
+    index: int
+    scene: Scene
+    captions: tuple[str, ...]
+    recap: str
+    questions: tuple[text.QA, ...]
+    opening: tuple[str, str] | None
+    """An optional (prompt, answer) caption request that opens the instruction conversation."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+    @property
+    def image(self) -> str:
+        return f"{self.split}/{self.index:06d}.png"
+
+
+def corpus_paths(out: Path) -> CorpusPaths:
+    """The paths write_corpus uses under `out`."""
+    return CorpusPaths(
+        root=out,
+        images=out / "images",
+        recap_train=out / "recap_train.json",
+        short_train=out / "short_train.json",
+        instruct_train=out / "instruct_train.json",
+        karpathy=out / "karpathy_shapes.json",
+        vqa_test=out / "vqa_test.jsonl",
+        vqa_train_answers=out / "vqa_train_answers.json",
+        scenes_train=out / "scenes_train.jsonl",
+        scenes_test=out / "scenes_test.jsonl",
+        info=out / "corpus_info.json",
+    )
+
+
+def draw_scenes(split: str, n: int, seed: int) -> tuple[list[Scene], int]:
+    """The first `n` scenes of `split` for `seed`, and how many draws were rejected as the other split's."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, _STREAM_SCENES[split]])
+    scenes: list[Scene] = []
+    rejected = 0
+    while len(scenes) < n:
+        scene = sample_scene(rng)
+        if scene_split(scene, TEST_EVERY) == split:
+            scenes.append(scene)
+        else:
+            rejected += 1
+    return scenes, rejected
+
+
+def write_corpus(
+    out: Path, n_train: int, n_test: int, image_size: int = 64, seed: int = 0, *, overwrite: bool = False
+) -> CorpusPaths:
+    """Generate the demo corpus under `out`; the same arguments always give byte-identical files.
+
+    Refuses to write over an earlier corpus in `out` unless `overwrite`, which then deletes only the
+    files and the image folder this function writes.
+    """
+    if n_train < 1 or n_test < 1:
+        raise ValueError(
+            f"need at least one train and one test image, got n_train={n_train}, n_test={n_test}"
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size {image_size} is below {MIN_IMAGE_SIZE}; shapes would merge at that size"
+        )
+    paths = corpus_paths(Path(out))
+    _prepare_output(paths, overwrite)
+
+    samples: dict[str, list[_Sample]] = {}
+    rejected: dict[str, int] = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        scenes, rejected[split] = draw_scenes(split, n, seed)
+        samples[split] = [_describe(split, i, scene, seed) for i, scene in enumerate(scenes)]
+        _write_images(paths.images / split, samples[split], image_size)
+
+    instruct = _instruct_records(samples["train"], seed)
+    _write_json(paths.recap_train, [_caption_record(s, text.RECAP_PROMPT, s.recap) for s in samples["train"]])
+    _write_json(paths.short_train, [_short_record(s, seed) for s in samples["train"]])
+    _write_json(paths.instruct_train, instruct)
+    _write_json(paths.karpathy, _karpathy(samples["train"] + samples["test"]))
+    vqa_rows = [_vqa_row(s, k, qa) for s in samples["test"] for k, qa in enumerate(s.questions)]
+    _write_jsonl(paths.vqa_test, vqa_rows)
+    _write_json(paths.vqa_train_answers, _answer_counts(samples["train"]))
+    _write_jsonl(paths.scenes_train, [_scene_row(s) for s in samples["train"]])
+    _write_jsonl(paths.scenes_test, [_scene_row(s) for s in samples["test"]])
+    _write_json(paths.info, _info(n_train, n_test, image_size, seed, rejected, instruct, vqa_rows))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text for one image
+
+
+def _describe(split: str, index: int, scene: Scene, seed: int) -> _Sample:
+    rng = np.random.default_rng([seed, _STREAM_TEXT[split], index])
+    captions = text.captions(scene, rng, CAPTIONS_PER_IMAGE)
+    recap = text.recap(scene, rng)
+    n_turns = int(rng.integers(MIN_TURNS, MAX_TURNS + 1))
+    opening: tuple[str, str] | None = None
+    # Test images get no caption opening: their questions become the single-turn VQA set.
+    if split == "train" and rng.random() < CAPTION_TURN_SHARE:
+        if rng.random() < 0.5:
+            opening = (text.CAPTION_PROMPT, captions[int(rng.integers(len(captions)))])
+        else:
+            opening = (text.RECAP_PROMPT, recap)
+        n_turns -= 1
+    return _Sample(split, index, scene, captions, recap, text.questions(scene, rng, n_turns), opening)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records in the public formats
+
+
+def _caption_record(sample: _Sample, prompt: str, answer: str) -> dict[str, object]:
+    return {
+        "id": sample.id,
+        "image": sample.image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{prompt}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
+
+
+def _short_record(sample: _Sample, seed: int) -> dict[str, object]:
+    # Which of the five references is used is drawn per image from its own stream, so it is stable.
+    rng = np.random.default_rng([seed, _STREAM_TEXT["train"], sample.index, 1])
+    caption = sample.captions[int(rng.integers(len(sample.captions)))]
+    return _caption_record(sample, text.CAPTION_PROMPT, caption)
+
+
+def _turns(pairs: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
+    turns: list[dict[str, str]] = []
+    for i, (question, answer) in enumerate(pairs):
+        value = f"<image>\n{question}" if with_image and i == 0 else question
+        turns.append({"from": "human", "value": value})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+def _instruct_records(train: list[_Sample], seed: int) -> list[dict[str, object]]:
+    records: list[dict[str, object]] = []
+    for s in train:
+        pairs = [s.opening] if s.opening is not None else []
+        pairs += [(qa.question, qa.answer) for qa in s.questions]
+        records.append({"id": s.id, "image": s.image, "conversations": _turns(pairs, with_image=True)})
+    # n_text / (n_train + n_text) = TEXT_ONLY_SHARE
+    n_text = max(1, round(len(train) * TEXT_ONLY_SHARE / (1 - TEXT_ONLY_SHARE)))
+    rng = np.random.default_rng([seed, _STREAM_TEXT_ONLY])
+    for i in range(n_text):
+        qas = text.text_only_questions(rng, int(rng.integers(1, 3)))
+        pairs = [(qa.question, qa.answer) for qa in qas]
+        records.append({"id": f"text-{i:06d}", "conversations": _turns(pairs, with_image=False)})
+    order = np.random.default_rng([seed, _STREAM_INSTRUCT_ORDER]).permutation(len(records))
+    return [records[int(i)] for i in order]
+
+
+def _karpathy_tokens(sentence: str) -> list[str]:
+    # Karpathy's files hold lower-cased words with punctuation removed.
+    return re.findall(r"[a-z0-9]+", sentence.lower())
+
+
+def _karpathy(samples: list[_Sample]) -> dict[str, object]:
+    images = []
+    for imgid, s in enumerate(samples):
+        sentids = [imgid * CAPTIONS_PER_IMAGE + k for k in range(len(s.captions))]
+        sentences = [
+            {"tokens": _karpathy_tokens(c), "raw": c, "imgid": imgid, "sentid": sentid}
+            for c, sentid in zip(s.captions, sentids, strict=True)
+        ]
+        images.append(
+            {
+                "filepath": s.split,
+                "filename": f"{s.index:06d}.png",
+                "imgid": imgid,
+                "split": s.split,
+                "sentences": sentences,
+                "sentids": sentids,
+            }
+        )
+    return {"dataset": "shapes", "images": images}
+
+
+def _vqa_row(sample: _Sample, k: int, qa: text.QA) -> dict[str, object]:
+    return {
+        "id": f"{sample.id}-q{k}",
+        "image": sample.image,
+        "question": qa.question,
+        "answer": qa.answer,
+        "answer_type": qa.answer_type,
+        "question_type": qa.question_type,
+    }
+
+
+def _answer_counts(train: list[_Sample]) -> dict[str, object]:
+    by_answer_type: dict[str, Counter[str]] = {}
+    by_question_type: dict[str, Counter[str]] = {}
+    for s in train:
+        for qa in s.questions:
+            by_answer_type.setdefault(qa.answer_type, Counter())[qa.answer] += 1
+            by_question_type.setdefault(qa.question_type, Counter())[qa.answer] += 1
+    return {
+        "source": "instruct_train.json (image questions; caption openings and text-only turns excluded)",
+        "by_answer_type": _sorted_counts(by_answer_type),
+        "by_question_type": _sorted_counts(by_question_type),
+    }
+
+
+def _sorted_counts(table: dict[str, Counter[str]]) -> dict[str, dict[str, int]]:
+    return {key: dict(sorted(table[key].items())) for key in sorted(table)}
+
+
+def _scene_row(sample: _Sample) -> dict[str, object]:
+    return {"id": sample.id, "image": sample.image, **sample.scene.to_json()}
+
+
+def _info(
+    n_train: int,
+    n_test: int,
+    image_size: int,
+    seed: int,
+    rejected: dict[str, int],
+    instruct: list[dict[str, object]],
+    vqa_rows: list[dict[str, object]],
+) -> dict[str, object]:
+    yes_no = Counter(str(r["answer"]) for r in vqa_rows if r["answer_type"] == text.YES_NO)
+    return {
+        "generator": "vlmtrain.demo.corpus.write_corpus",
+        "n_train": n_train,
+        "n_test": n_test,
+        "image_size": image_size,
+        "seed": seed,
+        "test_every": TEST_EVERY,
+        "scene_draws_rejected_as_other_split": rejected,
+        "instruct_records": {
+            "with_image": sum("image" in r for r in instruct),
+            "text_only": sum("image" not in r for r in instruct),
+        },
+        "vqa_test_questions": len(vqa_rows),
+        "vqa_test_yes_no_answers": dict(sorted(yes_no.items())),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def _prepare_output(paths: CorpusPaths, overwrite: bool) -> None:
+    ours = [
+        paths.images,
+        paths.recap_train,
+        paths.short_train,
+        paths.instruct_train,
+        paths.karpathy,
+        paths.vqa_test,
+        paths.vqa_train_answers,
+        paths.scenes_train,
+        paths.scenes_test,
+        paths.info,
+    ]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{paths.root} already holds a demo corpus ({existing[0].name} exists); "
+            "choose another folder or pass overwrite=True to replace it"
+        )
+    for p in existing:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    paths.root.mkdir(parents=True, exist_ok=True)
+
+
+def _write_images(folder: Path, samples: list[_Sample], image_size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        s.scene.render(image_size).save(folder / f"{s.index:06d}.png", format="PNG")
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
