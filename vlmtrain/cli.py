@@ -108,6 +108,214 @@ def train(
     run_stages(stages, run_dir, ctx, resume=resume == "auto")
 
 
+eval_app = typer.Typer(
+    help="Evaluate a trained model: captioning metrics or VQA accuracy.", no_args_is_help=True
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _gen_config(
+    max_new_tokens: int, strategy: str, num_beams: int, temperature: float, top_p: float, seed: int
+):
+    from vlmtrain.eval.generate import GenerationConfig
+
+    if strategy not in ("greedy", "beam", "sample"):
+        raise typer.BadParameter("expected greedy, beam or sample", param_hint="--strategy")
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        strategy=strategy,  # type: ignore[arg-type]
+        num_beams=num_beams,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/] {err}")
+    raise typer.Exit(1) from None
+
+
+CheckpointOpt = typer.Option(..., "--checkpoint", help="A stage output, e.g. runs/default/stage3/final.")
+MaxNewOpt = typer.Option(64, "--max-new-tokens", help="Most tokens generated per answer.")
+StrategyOpt = typer.Option("greedy", "--strategy", help="greedy, beam or sample.")
+BeamsOpt = typer.Option(3, "--num-beams", help="Beams for --strategy beam.")
+TempOpt = typer.Option(1.0, "--temperature", help="Sampling temperature.")
+TopPOpt = typer.Option(1.0, "--top-p", help="Nucleus sampling mass.")
+SeedOpt = typer.Option(0, "--seed", help="Sampling seed.")
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+
+
+@eval_app.command("caption")
+def eval_caption_cmd(
+    checkpoint: Path = CheckpointOpt,
+    data: str = typer.Option(..., "--data", help="Caption shards: a manifest.json or a brace pattern."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for predictions.json, references.json, metrics.json."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="Caption prompt (default: each sample's own)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N images."),
+    spice: bool = typer.Option(False, "--spice", help="Also SPICE (needs its Stanford models installed)."),
+    max_new_tokens: int = MaxNewOpt,
+    strategy: str = StrategyOpt,
+    num_beams: int = BeamsOpt,
+    temperature: float = TempOpt,
+    top_p: float = TopPOpt,
+    seed: int = SeedOpt,
+    device: str | None = DeviceOpt,
+) -> None:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) on caption shards, e.g. a Karpathy test split."""
+    from vlmtrain.eval.run import eval_caption
+
+    gen = _gen_config(max_new_tokens, strategy, num_beams, temperature, top_p, seed)
+    try:
+        eval_caption(checkpoint, data, out, prompt, gen, batch_size, limit, spice, _device(device), console)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(err)
+
+
+@eval_app.command("vqa")
+def eval_vqa_cmd(
+    checkpoint: Path = CheckpointOpt,
+    data: str = typer.Option(
+        ..., "--data", help="VQA shards (question = first human turn, answer = gpt turn)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for predictions.json, references.json, metrics.json."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N questions."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    strategy: str = StrategyOpt,
+    num_beams: int = BeamsOpt,
+    device: str | None = DeviceOpt,
+) -> None:
+    """Yes/no accuracy, open-ended exact match and token F1 (PathVQA style) on VQA shards."""
+    from vlmtrain.eval.run import eval_vqa
+
+    gen = _gen_config(max_new_tokens, strategy, num_beams, 1.0, 1.0, 0)
+    try:
+        eval_vqa(checkpoint, data, out, gen, batch_size, limit, _device(device), console)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(err)
+
+
+def _load_images(paths: list[Path], size: int):
+    from PIL import Image
+
+    from vlmtrain.data.process import ImageTransform, to_rgb
+
+    transform = ImageTransform(image_size=size)
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                out.append(transform(to_rgb(img)))
+        except (OSError, ValueError) as err:
+            _fail(ValueError(f"{path}: cannot read this image ({err})"))
+    return out
+
+
+@app.command()
+def caption(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    checkpoint: Path = CheckpointOpt,
+    prompt: str = typer.Option("Write a short caption for the image.", "--prompt"),
+    max_new_tokens: int = MaxNewOpt,
+    strategy: str = StrategyOpt,
+    num_beams: int = BeamsOpt,
+    device: str | None = DeviceOpt,
+) -> None:
+    """Caption image files."""
+    import torch
+
+    from vlmtrain.eval.generate import Generator, build_prompt
+    from vlmtrain.eval.run import load_trained
+
+    try:
+        model, tokenizer, mode = load_trained(checkpoint, _device(device))
+    except FileNotFoundError as err:
+        _fail(err)
+    gen = _gen_config(max_new_tokens, strategy, num_beams, 1.0, 1.0, 0)
+    generator = Generator(model, tokenizer, type(gen)(**{**gen.__dict__, "mask_mode": mode}))
+    pixels = torch.stack(_load_images(images, model.vision.config.image_size))
+    prompts = [
+        build_prompt(tokenizer, [{"role": "user", "content": prompt}], True, model.num_image_tokens)
+    ] * len(images)
+    for path, ids in zip(images, generator.generate(prompts, pixels), strict=True):
+        console.print(f"[bold]{path}[/]: {generator.decode(ids)}")
+
+
+@app.command()
+def ask(
+    image: Path = typer.Argument(..., help="Image file."),
+    question: str | None = typer.Argument(
+        None, help="Question; omit it for a multi-turn chat in the terminal."
+    ),
+    checkpoint: Path = CheckpointOpt,
+    max_new_tokens: int = MaxNewOpt,
+    device: str | None = DeviceOpt,
+) -> None:
+    """Ask about an image; without a question, chat turn by turn (empty line or Ctrl-D ends)."""
+    from vlmtrain.eval.generate import GenerationConfig, Generator, build_prompt
+    from vlmtrain.eval.run import load_trained
+
+    try:
+        model, tokenizer, mode = load_trained(checkpoint, _device(device))
+    except FileNotFoundError as err:
+        _fail(err)
+    generator = Generator(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, mask_mode=mode))
+    pixels = _load_images([image], model.vision.config.image_size)[0][None]
+    messages: list[dict[str, str]] = []
+
+    def answer(q: str) -> str:
+        messages.append({"role": "user", "content": q})
+        prompt = build_prompt(tokenizer, messages, True, model.num_image_tokens)
+        text = generator.decode(generator.generate([prompt], pixels)[0])
+        messages.append({"role": "assistant", "content": text})
+        return text
+
+    if question is not None:
+        console.print(answer(question))
+        return
+    console.print(f"Chatting about [bold]{image}[/]; an empty line ends.")
+    while True:
+        try:
+            q = console.input("[bold cyan]you>[/] ").strip()
+        except EOFError:
+            break
+        if not q:
+            break
+        console.print(f"[bold green]model>[/] {answer(q)}")
+
+
+@app.command()
+def export(
+    checkpoint: Path = CheckpointOpt,
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    fmt: str = typer.Option(
+        "hf", "--format", help="hf: transformers LlavaForConditionalGeneration + processor."
+    ),
+) -> None:
+    """Export a trained model to a format other tools load."""
+    from vlmtrain.export import export_hf
+
+    if fmt != "hf":
+        raise typer.BadParameter("only `hf` is supported", param_hint="--format")
+    try:
+        path = export_hf(checkpoint, out)
+    except FileNotFoundError as err:
+        _fail(err)
+    console.print(f"exported to {path} (LlavaForConditionalGeneration + AutoProcessor)")
+
+
 def train_entry() -> None:
     """`launch/train.py`: the train command with its own argv (deepspeed adds --local_rank)."""
     import sys

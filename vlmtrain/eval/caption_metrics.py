@@ -338,7 +338,7 @@ def compute_caption_metrics(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
@@ -364,7 +364,7 @@ def write_coco_predictions(path: str | os.PathLike[str], predictions: Mapping[Ca
             raise CaptionInputError(
                 f"prediction for id {image_id!r} must be a str, got {type(caption).__name__}"
             )
-    return _atomic_write_json(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
+    return atomic_write_json(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
 
 
 def write_coco_references(
@@ -380,7 +380,7 @@ def write_coco_references(
             ((i, c) for i, captions in references.items() for c in captions), start=1
         )
     ]
-    return _atomic_write_json(
+    return atomic_write_json(
         path,
         {
             "info": {"description": description},
@@ -397,7 +397,7 @@ def write_metrics(
 ) -> Path:
     """Write `{"metrics": ..., "meta": ...}`; NaN (a metric with no items) becomes null."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    return _atomic_write_json(path, {"metrics": clean, "meta": dict(meta)})
+    return atomic_write_json(path, {"metrics": clean, "meta": dict(meta)})
 
 
 def _read_json(path: Path, what: str) -> Any:
