@@ -54,6 +54,11 @@ def stages() -> None:
     console.print(table)
 
 
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/] {err}")
+    raise typer.Exit(1) from None
+
+
 def _parse_stage_list(values: list[str]) -> list[str]:
     """`--stage 0 --stage 2`, `--stage 0,1` and `--stage 0-3` all work."""
     out: list[str] = []
@@ -66,6 +71,69 @@ def _parse_stage_list(values: list[str]) -> list[str]:
             elif part:
                 out.append(part)
     return out
+
+
+@app.command()
+def shard(
+    input: Path = typer.Argument(
+        ..., help="Annotation file: LLaVA JSON/JSONL, COCO captions, Karpathy split, parquet, JSONL, CSV."
+    ),
+    fmt: str = typer.Option(..., "--format", "-f", help="llava, coco, karpathy, pathvqa, jsonl or csv."),
+    images: Path | None = typer.Option(
+        None, "--images", help="Image root; paths in INPUT are relative to it."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder for the tar shards and manifest.json."),
+    split: str | None = typer.Option(
+        None, "--split", help="karpathy: train, val or test (restval counts as train)."
+    ),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Input records per shard."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Downscale so the shorter side is PX (JPEG q95)."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Processes writing shards in parallel."),
+    caption_prompt: str | None = typer.Option(
+        None, "--caption-prompt", help="Prompt stored with caption samples."
+    ),
+    image_column: str = typer.Option("image", "--image-column", help="jsonl/csv: the image path column."),
+    text_columns: list[str] = typer.Option(
+        ["caption"], "--text-columns", help="jsonl/csv: caption column(s)."
+    ),
+    question_column: str | None = typer.Option(
+        None, "--question-column", help="jsonl/csv: VQA question column."
+    ),
+    answer_column: str | None = typer.Option(None, "--answer-column", help="jsonl/csv: VQA answer column."),
+    max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", help="Decompression-bomb limit."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Convert an image-text corpus into WebDataset tar shards plus manifest.json; bad records are skipped and counted."""
+    from vlmtrain.data import shard as shard_mod
+    from vlmtrain.data.formats.base import FormatError
+
+    kwargs = {}
+    if caption_prompt is not None:
+        kwargs["caption_prompt"] = caption_prompt
+    if max_image_pixels is not None:
+        kwargs["max_image_pixels"] = max_image_pixels
+    try:
+        summary = shard_mod.shard(
+            input,
+            fmt,
+            images,
+            out,
+            split=split,
+            shard_size=shard_size,
+            image_size=image_size,
+            workers=workers,
+            image_column=image_column,
+            text_columns=tuple(text_columns),
+            question_column=question_column,
+            answer_column=answer_column,
+            progress=progress,
+            **kwargs,
+        )
+    except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, shard_mod.ManifestError) as err:
+        _fail(err)
+    shard_mod.print_summary(summary)
 
 
 @app.command()
@@ -135,11 +203,6 @@ def _device(device: str | None) -> str:
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/] {err}")
-    raise typer.Exit(1) from None
 
 
 CheckpointOpt = typer.Option(..., "--checkpoint", help="A stage output, e.g. runs/default/stage3/final.")
