@@ -1,0 +1,703 @@
+"""Streaming reader: deterministic, resumable, distributed iteration over tar shards as collated batches.
+
+Design (docs/data_pipeline.md has the long form):
+- A rank's DataLoader workers are *slots*; slot id = rank * workers_per_rank + role. There are
+  world_size * workers_per_rank slots.
+- Epoch e orders ALL shards by a permutation seeded by (seed, e) and deals them to slots round-robin.
+  A slot reads its shards one at a time; a shard's samples are visited in a permutation seeded by
+  (seed, e, shard name).
+- The state counts, per epoch and shard, how many samples of that permuted order reached the trainer.
+  A slot skips that many (before decoding) on start, so a resumed run continues exactly where the saved
+  one stopped, and a different world size still reads every remaining sample once.
+- The DataLoader hands out batches round-robin over workers starting at worker 0; the state records
+  which role comes next and resumed workers take rotated roles, so the same topology replays the
+  uninterrupted order exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlmtrain.data.collate import Batch, pack_collate, pad_collate
+from vlmtrain.data.process import SAMPLE_EXTENSIONS, ProcessedSample, RawSample, SampleProcessor, Skip
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Counter families carried in batches and in the state; all add up exactly once per consumed sample.
+COUNTER_KINDS = ("skipped", "truncated", "ignored_members")
+_MASK64 = (1 << 64) - 1
+
+
+class ShardError(RuntimeError):
+    """A shard file cannot be read, or disagrees with its manifest."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: its state name, where it is, and its sample count when a manifest gives it."""
+
+    name: str
+    path: Path
+    samples: int | None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_source(source: str | Path) -> list[ShardInfo]:
+    """Shards of a ``manifest.json`` (names relative to its folder) or of a brace pattern / single path."""
+    text = str(source)
+    shards = _load_manifest(Path(text)) if text.endswith(".json") else _expand_pattern(text)
+    if not shards:
+        raise ValueError(f"{text}: names no shards")
+    _check_unique_names(shards, text)
+    missing = [str(s.path) for s in shards if not s.path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{text}: {len(missing)} of {len(shards)} shard files are missing: {shown}")
+    return shards
+
+
+def _load_manifest(path: Path) -> list[ShardInfo]:
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist; write shards with `vlmtrain shard` first")
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["shards"]
+        return [ShardInfo(str(e["name"]), path.parent / str(e["name"]), int(e["samples"])) for e in entries]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"manifest {path}: expected {{'shards': [{{'name': str, 'samples': int, ...}}]}} ({err!r})"
+        ) from err
+
+
+def _expand_pattern(pattern: str) -> list[ShardInfo]:
+    return [ShardInfo(Path(p).name, Path(p), None) for p in braceexpand.braceexpand(pattern)]
+
+
+def _check_unique_names(shards: Sequence[ShardInfo], source: str) -> None:
+    seen: dict[str, Path] = {}
+    for s in shards:
+        if s.name in seen:
+            raise ValueError(
+                f"{source}: two shards share the name {s.name!r} ({seen[s.name]}, {s.path}); resume state is "
+                "keyed by shard name, so rename one"
+            )
+        seen[s.name] = s.path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deterministic orders (our own PRNG so the order never changes with a numpy or Python upgrade)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _seed64(*parts: object) -> int:
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """One step of Vigna's SplitMix64: (next state, 64-bit output)."""
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+def permutation(n: int, *seed_parts: object) -> list[int]:
+    """Fisher-Yates permutation of range(n) driven by SplitMix64 seeded from ``seed_parts``."""
+    state = _seed64(*seed_parts)
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        state, z = splitmix64(state)
+        j = z % (i + 1)  # modulo bias < n / 2**64: negligible
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Indices of all shards in epoch ``epoch``'s reading order."""
+    return permutation(num_shards, "shards", seed, epoch) if shuffle else list(range(num_shards))
+
+
+def slot_shards(
+    num_shards: int, num_slots: int, slot: int, seed: int, epoch: int, shuffle: bool
+) -> list[int]:
+    """Shard indices slot ``slot`` reads in epoch ``epoch``: round-robin over that epoch's order."""
+    return shard_order(num_shards, seed, epoch, shuffle)[slot::num_slots]
+
+
+def sample_order(num_samples: int, seed: int, epoch: int, shard: str, shuffle: bool) -> list[int]:
+    """Natural-order indices of a shard's samples in the order epoch ``epoch`` visits them."""
+    return permutation(num_samples, "samples", seed, epoch, shard) if shuffle else list(range(num_samples))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading shards
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSamples:
+    """A shard's samples in natural order: undecoded member bytes, and the members that were ignored."""
+
+    keys: list[str]
+    members: list[dict[str, memoryview]]
+    ignored: list[list[str]]
+    """Per sample, the extensions of members that are not sample data (never decoded)."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset's convention: key = path up to the first dot of the file name, ext = the rest."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def read_shard(path: Path) -> ShardSamples:
+    """Read a whole uncompressed tar into memory and group its members by key (no decoding)."""
+    data = path.read_bytes()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            infos = tar.getmembers()
+    except tarfile.TarError as err:
+        raise ShardError(
+            f"{path}: not a readable uncompressed tar ({err}); compare its sha256 with the manifest and "
+            "re-write the shard"
+        ) from err
+    view = memoryview(data)
+    slot_of: dict[str, int] = {}
+    shard = ShardSamples([], [], [])
+    for info in infos:
+        if info.isdir():
+            continue
+        key, ext = split_member_name(info.name)
+        i = slot_of.setdefault(key, len(shard.keys))
+        if i == len(shard.keys):
+            shard.keys.append(key)
+            shard.members.append({})
+            shard.ignored.append([])
+        if not info.isfile():
+            shard.ignored[i].append("<link>")
+        elif ext not in SAMPLE_EXTENSIONS:
+            shard.ignored[i].append(ext or "<no extension>")
+        elif ext in shard.members[i]:
+            shard.ignored[i].append(f"duplicate {ext}")
+        else:
+            shard.members[i][ext] = view[info.offset_data : info.offset_data + info.size]
+    return shard
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-worker stream
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """Samples and accounting gathered for the next batch of one slot."""
+
+    samples: list[ProcessedSample] = field(default_factory=list)
+    advance: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    counters: dict[str, Counter[str]] = field(default_factory=lambda: {k: Counter() for k in COUNTER_KINDS})
+
+    def consume(self, epoch: int, shard: str, total: int) -> None:
+        self.advance.setdefault((epoch, shard), [0, total])[0] += 1
+
+    def meta(self, slot: int, role: int) -> dict[str, Any]:
+        return {
+            "slot": slot,
+            "role": role,
+            "advance": [(e, s, n, total) for (e, s), (n, total) in self.advance.items()],
+            **{k: dict(c) for k, c in self.counters.items()},
+        }
+
+
+class ShardStream(IterableDataset):
+    """The dataset each DataLoader worker iterates: its slot's samples, processed and collated.
+
+    Yields batch dicts whose ``"stream"`` entry says which samples they consumed (epoch, shard, count,
+    shard size), what was skipped or truncated and which members were ignored. A batch may have
+    ``num_samples == 0`` when only skipped samples remained; StreamLoader absorbs those.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardInfo],
+        processor: Callable[[RawSample], ProcessedSample | Skip],
+        collate: Callable[[list[ProcessedSample]], Batch],
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        workers_per_rank: int,
+        seed: int,
+        shuffle: bool,
+        resample: bool,
+        consumed: dict[int, dict[str, int]],
+        known_samples: dict[str, int],
+        role_offset: int,
+    ) -> None:
+        super().__init__()
+        self.shards = list(shards)
+        self.processor = processor
+        self.collate = collate
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.workers_per_rank = workers_per_rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.resample = resample
+        self.consumed = consumed
+        self.known_samples = known_samples
+        self.role_offset = role_offset
+
+    @property
+    def num_slots(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        role = (worker + self.role_offset) % self.workers_per_rank
+        return self.batches(self.rank * self.workers_per_rank + role, role)
+
+    def batches(self, slot: int, role: int) -> Iterator[Batch]:
+        """Collated batches of ``micro_batch_size`` samples of one slot; a final partial one if finite."""
+        pending = _Pending()
+        warned: set[str] = set()
+        kept = [0]  # shared with _raw_samples, which runs interleaved with this loop
+        for epoch, raw, total, ignored in self._raw_samples(slot, kept):
+            pending.consume(epoch, raw.shard, total)
+            pending.counters["ignored_members"].update(ignored)
+            result = self.processor(raw)
+            if isinstance(result, Skip):
+                pending.counters["skipped"][result.reason] += 1
+                self._warn_first(warned, result, raw, slot)
+                continue
+            if result.truncation is not None:
+                pending.counters["truncated"][result.truncation] += 1
+                pending.counters["truncated"]["dropped_pairs"] += result.dropped_pairs
+            pending.samples.append(result)
+            kept[0] += 1
+            if len(pending.samples) == self.micro_batch_size:
+                yield self._emit(pending, slot, role)
+                pending = _Pending()
+        if pending.advance:
+            yield self._emit(pending, slot, role)
+
+    def _emit(self, pending: _Pending, slot: int, role: int) -> Batch:
+        batch = self.collate(pending.samples) if pending.samples else {"num_samples": 0}
+        batch["stream"] = pending.meta(slot, role)
+        return batch
+
+    @staticmethod
+    def _warn_first(warned: set[str], skip: Skip, raw: RawSample, slot: int) -> None:
+        if skip.reason not in warned:
+            warned.add(skip.reason)
+            logger.warning(
+                "slot %d: skipping sample %s of %s (%s: %s); further %r skips are only counted",
+                slot, raw.key, raw.shard, skip.reason, skip.detail, skip.reason,
+            )  # fmt: skip
+
+    def _raw_samples(self, slot: int, kept: list[int]) -> Iterator[tuple[int, RawSample, int, list[str]]]:
+        """(epoch, sample, shard size, ignored member extensions) for every sample the slot still owes.
+
+        ``kept`` counts samples the consumer kept; an endless stream whose whole epoch kept none would spin
+        forever without yielding a batch, so that is an error.
+        """
+        epoch = 0
+        while True:
+            assigned = slot_shards(len(self.shards), self.num_slots, slot, self.seed, epoch, self.shuffle)
+            if not assigned:
+                return  # an idle slot: fewer shards than slots
+            fresh = not any(self.consumed.get(epoch, {}).get(self.shards[i].name) for i in assigned)
+            kept_before = kept[0]
+            for i in assigned:
+                yield from self._shard_samples(self.shards[i], epoch)
+            if not self.resample:
+                return
+            if fresh and kept[0] == kept_before:
+                raise ShardError(
+                    f"slot {slot}: no usable sample in its shards {[self.shards[i].name for i in assigned]} in "
+                    f"epoch {epoch} (empty, or every sample skipped: see the skip warnings); an endless "
+                    "(resample=True) stream would never yield a batch"
+                )
+            epoch += 1
+
+    def _shard_samples(self, shard: ShardInfo, epoch: int) -> Iterator[tuple[int, RawSample, int, list[str]]]:
+        done = self.consumed.get(epoch, {}).get(shard.name, 0)
+        expected = shard.samples if shard.samples is not None else self.known_samples.get(shard.name)
+        if expected is not None and done >= expected:
+            return  # fully consumed: not even read
+        contents = read_shard(shard.path)
+        if expected is not None and len(contents) != expected:
+            raise ShardError(
+                f"{shard.path}: holds {len(contents)} samples but the manifest/resume state says {expected}; "
+                "the shard changed since it was written or the state was saved"
+            )
+        order = sample_order(len(contents), self.seed, epoch, shard.name, self.shuffle)
+        for position in range(done, len(contents)):
+            i = order[position]
+            raw = RawSample(contents.keys[i], shard.name, i, contents.members[i], epoch)
+            yield epoch, raw, len(contents), contents.ignored[i]
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loader the trainer holds
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StreamLoader:
+    """Iterable over batch dicts for one rank, with a resumable ``state_dict()``.
+
+    Consumption is recorded when a batch is handed out, not when a worker reads it, so the state never
+    counts prefetched batches. Iterating again (e.g. after ``break``) resumes from the current state.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardInfo],
+        processor: SampleProcessor,
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        pad_token_id: int,
+        shuffle: bool = True,
+        resample: bool = True,
+        pack_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        state: dict[str, Any] | None = None,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.shards = list(shards)
+        self.processor = processor
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.workers_per_rank = max(1, num_workers)  # num_workers=0 reads in the main process: one slot
+        self.seed = seed
+        self.shuffle = shuffle
+        self.resample = resample
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.collate = self._collate_fn(pack_length, pad_token_id, pad_to_multiple_of)
+        self._consumed: dict[int, dict[str, int]] = {}
+        self._known = {s.name: s.samples for s in self.shards if s.samples is not None}
+        self._counters: dict[str, Counter[str]] = {k: Counter() for k in COUNTER_KINDS}
+        self._base_counters: dict[str, dict[str, int]] = {k: {} for k in COUNTER_KINDS}
+        self._next_role = 0
+        self._batches = 0
+        if state is not None:
+            self._load(state)
+        self._check_slots()
+
+    def _collate_fn(
+        self, pack_length: int | None, pad_token_id: int, pad_to_multiple_of: int | None
+    ) -> Callable[[list[ProcessedSample]], Batch]:
+        image_size = self.processor.transform.image_size
+        if pack_length is None:
+            return functools.partial(
+                pad_collate,
+                pad_token_id=pad_token_id,
+                pad_to_multiple_of=pad_to_multiple_of,
+                image_size=image_size,
+            )
+        if pack_length < self.processor.config.max_length:
+            raise ValueError(
+                f"pack_length={pack_length} is below max_length={self.processor.config.max_length}: a full-length "
+                "sample could not be packed; raise the pack length or lower max_length"
+            )
+        return functools.partial(
+            pack_collate, row_length=pack_length, pad_token_id=pad_token_id, image_size=image_size
+        )
+
+    def _check_slots(self) -> None:
+        slots = self.world_size * self.workers_per_rank
+        if len(self.shards) >= slots:
+            return
+        first = self.rank * self.workers_per_rank
+        idle_here = min(self.workers_per_rank, max(0, first + self.workers_per_rank - len(self.shards)))
+        message = (
+            f"{len(self.shards)} shards for {self.world_size} ranks x {self.workers_per_rank} workers = {slots} "
+            f"slots: {slots - len(self.shards)} slot(s) read nothing ({idle_here} of rank {self.rank}'s "
+            f"{self.workers_per_rank}). Write more, smaller shards or use fewer workers."
+        )
+        if idle_here == self.workers_per_rank and self.resample:
+            raise ValueError(message + " This rank would get no data at all while the others train.")
+        warnings.warn(message, stacklevel=3)
+
+    # -- iteration ------------------------------------------------------------------------------------
+
+    def dataset(self) -> ShardStream:
+        """The worker-side stream, starting from the current state."""
+        return ShardStream(
+            self.shards,
+            self.processor,
+            self.collate,
+            micro_batch_size=self.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            workers_per_rank=self.workers_per_rank,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            resample=self.resample,
+            consumed={e: dict(d) for e, d in self._consumed.items()},
+            known_samples=dict(self._known),
+            role_offset=self._next_role,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        # The DataLoader's default in-order delivery takes one batch from each live worker in turn, starting
+        # at worker 0; the role rotation (role_offset) relies on exactly that.
+        loader = DataLoader(
+            self.dataset(),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            self._absorb(batch["stream"])
+            if batch["num_samples"] == 0:
+                continue  # only skipped samples were left in that slot; their accounting is absorbed
+            self._batches += 1
+            yield batch
+
+    def _absorb(self, meta: dict[str, Any]) -> None:
+        for epoch, shard, n, total in meta["advance"]:
+            per_shard = self._consumed.setdefault(int(epoch), {})
+            per_shard[shard] = per_shard.get(shard, 0) + int(n)
+            if self._known.setdefault(shard, int(total)) != int(total):
+                raise ShardError(
+                    f"shard {shard} changed size while being read ({self._known[shard]} -> {total})"
+                )
+        for kind in COUNTER_KINDS:
+            self._counters[kind].update(meta[kind])
+        self._next_role = (int(meta["role"]) + 1) % self.workers_per_rank
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples by reason (SKIP_REASONS), over the whole run including the loaded state."""
+        return self._totals("skipped")
+
+    def truncation_counts(self) -> dict[str, int]:
+        """Shortened samples: truncated_turns, truncated_answer, and dropped_pairs (pairs removed)."""
+        return self._totals("truncated")
+
+    def ignored_member_counts(self) -> dict[str, int]:
+        """Tar members that are not sample data (e.g. .pth, .pickle), by extension: never decoded."""
+        return self._totals("ignored_members")
+
+    @property
+    def batches_delivered(self) -> int:
+        """Non-empty batches this rank handed out (cumulative across a same-topology resume)."""
+        return self._batches
+
+    def _totals(self, kind: str) -> dict[str, int]:
+        totals = Counter(self._base_counters[kind])
+        totals.update(self._counters[kind])
+        return dict(sorted(totals.items()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state: this rank's consumption merged with the loaded state. Merge all ranks'."""
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "world_size": self.world_size,
+            "workers_per_rank": self.workers_per_rank,
+            "ranks": [self.rank],
+            "epoch_consumed": {str(e): dict(sorted(d.items())) for e, d in sorted(self._consumed.items())},
+            "shard_samples": dict(sorted(self._known.items())),
+            "counters": {k: self._totals(k) for k in COUNTER_KINDS},
+            "base_counters": {k: dict(sorted(v.items())) for k, v in self._base_counters.items()},
+            "next_role": {str(self.rank): self._next_role},
+            "batches_delivered": {str(self.rank): self._batches},
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        _check_state(state)
+        if state["seed"] != self.seed or state["shuffle"] != self.shuffle:
+            raise ValueError(
+                f"resume state was saved with seed={state['seed']} shuffle={state['shuffle']}, this loader has "
+                f"seed={self.seed} shuffle={self.shuffle}; the sample orders would differ, so the offsets mean nothing"
+            )
+        if sorted(state["ranks"]) != list(range(state["world_size"])):
+            raise ValueError(
+                f"resume state covers ranks {sorted(state['ranks'])} of world size {state['world_size']}; "
+                "save merge_states() of every rank's state_dict(), not one rank's"
+            )
+        names = {s.name for s in self.shards}
+        unknown = sorted({n for d in state["epoch_consumed"].values() for n in d} - names)
+        if unknown:
+            raise ValueError(
+                f"resume state names {len(unknown)} shards this source lacks (e.g. {unknown[:3]}); resume on the "
+                "same shards"
+            )
+        for name, n in state["shard_samples"].items():
+            if name in names and self._known.setdefault(name, int(n)) != int(n):
+                raise ValueError(
+                    f"shard {name}: the manifest says {self._known[name]} samples, the state {n}"
+                )
+        self._consumed = {
+            int(e): {s: int(n) for s, n in d.items()} for e, d in state["epoch_consumed"].items()
+        }
+        self._base_counters = {
+            k: {r: int(n) for r, n in state["counters"].get(k, {}).items()} for k in COUNTER_KINDS
+        }
+        same_topology = (state["world_size"], state["workers_per_rank"]) == (
+            self.world_size,
+            self.workers_per_rank,
+        )
+        if same_topology:
+            self._next_role = int(state["next_role"][str(self.rank)])
+            self._batches = int(state["batches_delivered"][str(self.rank)])
+
+
+def _check_state(state: dict[str, Any]) -> None:
+    required = (
+        "version", "seed", "shuffle", "world_size", "workers_per_rank", "ranks", "epoch_consumed",
+        "shard_samples", "counters", "base_counters", "next_role", "batches_delivered",
+    )  # fmt: skip
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"resume state lacks {missing}; it was not written by StreamLoader.state_dict()")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"resume state version {state['version']} is not {STATE_VERSION}")
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine every rank's ``state_dict()`` into one state that any world size can resume from.
+
+    Each shard is read by one slot at a time, so a shard's consumption is the largest any rank reports;
+    counters add each rank's growth over the common loaded base.
+    """
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    for s in states:
+        _check_state(s)
+    first = states[0]
+    for key in ("version", "seed", "shuffle", "world_size", "workers_per_rank", "base_counters"):
+        values = {json.dumps(s[key], sort_keys=True) for s in states}
+        if len(values) > 1:
+            raise ValueError(
+                f"states disagree on {key!r} ({sorted(values)}); they come from different runs or resumes"
+            )
+    ranks = [r for s in states for r in s["ranks"]]
+    if len(ranks) != len(set(ranks)):
+        raise ValueError(f"states repeat ranks: {sorted(ranks)}")
+    consumed: dict[str, dict[str, int]] = {}
+    for s in states:
+        for epoch, per_shard in s["epoch_consumed"].items():
+            merged = consumed.setdefault(str(epoch), {})
+            for shard, n in per_shard.items():
+                merged[shard] = max(merged.get(shard, 0), int(n))
+    shard_samples: dict[str, int] = {}
+    for s in states:
+        for shard, n in s["shard_samples"].items():
+            if shard_samples.setdefault(shard, int(n)) != int(n):
+                raise ValueError(f"states disagree on the size of shard {shard}")
+    counters = {}
+    for kind in COUNTER_KINDS:
+        base = Counter(first["base_counters"].get(kind, {}))
+        total = Counter(base)
+        for s in states:
+            total.update(Counter(s["counters"].get(kind, {})) - base)
+        counters[kind] = dict(sorted(total.items()))
+    return {
+        "version": first["version"],
+        "seed": first["seed"],
+        "shuffle": first["shuffle"],
+        "world_size": first["world_size"],
+        "workers_per_rank": first["workers_per_rank"],
+        "ranks": sorted(ranks),
+        "epoch_consumed": {
+            e: dict(sorted(d.items())) for e, d in sorted(consumed.items(), key=lambda x: int(x[0]))
+        },
+        "shard_samples": dict(sorted(shard_samples.items())),
+        "counters": counters,
+        "base_counters": counters,
+        "next_role": {r: n for s in states for r, n in s["next_role"].items()},
+        "batches_delivered": {r: n for s in states for r, n in s["batches_delivered"].items()},
+    }
+
+
+def build_loader(
+    source: str | Path,
+    processor: SampleProcessor,
+    *,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    pad_token_id: int,
+    shuffle: bool = True,
+    resample: bool = True,
+    pack_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    state: dict[str, Any] | None = None,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """The rank's loader over the shards of ``source`` (a manifest.json or a brace pattern)."""
+    return StreamLoader(
+        load_source(source),
+        processor,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        pad_token_id=pad_token_id,
+        shuffle=shuffle,
+        resample=resample,
+        pack_length=pack_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        state=state,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
+    )
