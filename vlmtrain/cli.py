@@ -213,6 +213,15 @@ TempOpt = typer.Option(1.0, "--temperature", help="Sampling temperature.")
 TopPOpt = typer.Option(1.0, "--top-p", help="Nucleus sampling mass.")
 SeedOpt = typer.Option(0, "--seed", help="Sampling seed.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+MaskOpt = typer.Option(
+    None, "--mask", help="Prefill mask: prefix or causal (default: the one the model was trained with)."
+)
+
+
+def _mask(mask: str | None) -> str | None:
+    if mask not in (None, "prefix", "causal"):
+        raise typer.BadParameter("expected prefix or causal", param_hint="--mask")
+    return mask
 
 
 @eval_app.command("caption")
@@ -233,13 +242,26 @@ def eval_caption_cmd(
     top_p: float = TopPOpt,
     seed: int = SeedOpt,
     device: str | None = DeviceOpt,
+    mask: str | None = MaskOpt,
 ) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) on caption shards, e.g. a Karpathy test split."""
     from vlmtrain.eval.run import eval_caption
 
     gen = _gen_config(max_new_tokens, strategy, num_beams, temperature, top_p, seed)
     try:
-        eval_caption(checkpoint, data, out, prompt, gen, batch_size, limit, spice, _device(device), console)
+        eval_caption(
+            checkpoint,
+            data,
+            out,
+            prompt,
+            gen,
+            batch_size,
+            limit,
+            spice,
+            _device(device),
+            console,
+            _mask(mask),
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         _fail(err)
 
@@ -259,13 +281,14 @@ def eval_vqa_cmd(
     strategy: str = StrategyOpt,
     num_beams: int = BeamsOpt,
     device: str | None = DeviceOpt,
+    mask: str | None = MaskOpt,
 ) -> None:
     """Yes/no accuracy, open-ended exact match and token F1 (PathVQA style) on VQA shards."""
     from vlmtrain.eval.run import eval_vqa
 
     gen = _gen_config(max_new_tokens, strategy, num_beams, 1.0, 1.0, 0)
     try:
-        eval_vqa(checkpoint, data, out, gen, batch_size, limit, _device(device), console)
+        eval_vqa(checkpoint, data, out, gen, batch_size, limit, _device(device), console, _mask(mask))
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         _fail(err)
 
@@ -377,6 +400,45 @@ def export(
     except FileNotFoundError as err:
         _fail(err)
     console.print(f"exported to {path} (LlavaForConditionalGeneration + AutoProcessor)")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Everything is written under this folder."),
+    n_train: int = typer.Option(2000, "--n-train", help="Synthetic training images."),
+    n_test: int = typer.Option(200, "--n-test", help="Synthetic test images."),
+    mask: str = typer.Option(
+        "prefix", "--mask", help="Mask of stages 1-3: prefix (the paper) or causal (LLaVA)."
+    ),
+    compare_masks: bool = typer.Option(False, "--compare-masks", help="Train both masks and compare them."),
+    compare_captions: bool = typer.Option(
+        False, "--compare-captions", help="Also pre-train on short captions."
+    ),
+    steps: str = typer.Option("60,60,300,400", "--steps", help="Optimizer steps of stages 0,1,2,3."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The whole framework on a CPU in minutes: synthetic data, shards, four stages, evaluation vs baselines."""
+    from vlmtrain.demo.run import DemoConfig, run_demo
+
+    if mask not in ("prefix", "causal"):
+        raise typer.BadParameter("expected prefix or causal", param_hint="--mask")
+    try:
+        stage_steps = tuple(int(x) for x in steps.split(","))
+    except ValueError:
+        raise typer.BadParameter("expected four integers like 40,40,150,250", param_hint="--steps") from None
+    if len(stage_steps) != 4 or min(stage_steps) < 1:
+        raise typer.BadParameter("expected four positive integers like 40,40,150,250", param_hint="--steps")
+    cfg = DemoConfig(
+        out=out,
+        n_train=n_train,
+        n_test=n_test,
+        seed=seed,
+        mask=mask,
+        compare_masks=compare_masks,
+        compare_captions=compare_captions,
+        stage_steps=stage_steps,  # type: ignore[arg-type]
+    )
+    run_demo(cfg, console)
 
 
 def train_entry() -> None:

@@ -36,6 +36,9 @@ def init_distributed(backend: str | None = None) -> DistContext:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed picks its accelerator when first imported; without CUDA it must be told to use the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -11,6 +11,7 @@ from vlmtrain.config.schema import (
     OptimConfig,
     StageConfig,
     TrainConfig,
+    ValidationConfig,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "OptimConfig",
     "StageConfig",
     "TrainConfig",
+    "ValidationConfig",
     "apply_overrides",
     "load_stage_config",
     "stage_config_from_dict",

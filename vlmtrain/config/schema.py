@@ -216,6 +216,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Optional validation during training, logged to `validation.jsonl` beside the training metrics."""
+
+    data: str | None = None
+    """Held-out shards (manifest or brace pattern); None disables validation."""
+    every: int = 0
+    """Validate every N optimizer steps (0: only at the end of the stage)."""
+    max_samples: int = 64
+    """Samples used for the held-out loss, and images captioned for CIDEr."""
+    cider: bool = False
+    """Also caption the held-out images (greedy) and score CIDEr against their references (needs Java)."""
+    max_new_tokens: int = 32
+    """Longest generated caption for CIDEr."""
+
+    def validate(self, path: str) -> None:
+        _require(self.every >= 0, f"{path}.every", "must be >= 0")
+        _require(self.max_samples >= 1, f"{path}.max_samples", "must be >= 1")
+        _require(self.max_new_tokens >= 1, f"{path}.max_new_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One training stage: what trains, with which mask, on which data, for how long."""
 
@@ -239,6 +260,8 @@ class StageConfig:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop settings."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Held-out loss and CIDEr during training."""
 
     def validate(self, path: str = "") -> None:
         prefix = f"{path}." if path else ""
@@ -262,6 +285,7 @@ class StageConfig:
         self.batch.validate(f"{prefix}batch")
         self.optim.validate(f"{prefix}optim")
         self.train.validate(f"{prefix}train")
+        self.validation.validate(f"{prefix}validation")
 
     @property
     def trainable_groups(self) -> tuple[str, ...]:

@@ -133,10 +133,14 @@ def generate_answers(
     console: Console,
     device: str,
     title: str,
+    mask: str | None = None,
 ) -> tuple[list[EvalSample], list[str], VisionLanguageModel]:
-    """Answer `question_of(sample)` for every sample; returns samples and answers in order."""
+    """Answer `question_of(sample)` for every sample; returns samples and answers in order.
+
+    `mask` overrides the prefill mask the model was trained with (e.g. `causal`, as transformers' LLaVA runs).
+    """
     model, tokenizer, mode = load_trained(checkpoint, device)
-    gen_cfg = GenerationConfig(**{**asdict(gen_cfg), "mask_mode": mode})
+    gen_cfg = GenerationConfig(**{**asdict(gen_cfg), "mask_mode": mask or mode})
     generator = Generator(model, tokenizer, gen_cfg)
     transform = ImageTransform(image_size=model.vision.config.image_size)
     samples, answers = [], []
@@ -166,6 +170,7 @@ def eval_caption(
     spice: bool = False,
     device: str = "cpu",
     console: Console | None = None,
+    mask: str | None = None,
 ) -> dict[str, float]:
     """Caption every image of `data`, score against all its references, write the COCO-format files."""
     from vlmtrain.eval.caption_metrics import (
@@ -188,7 +193,7 @@ def eval_caption(
         return conv[0]["value"] if conv else default_prompt
 
     samples, answers, _ = generate_answers(
-        checkpoint, data, question, gen_cfg, batch_size, limit, console, device, "captioning"
+        checkpoint, data, question, gen_cfg, batch_size, limit, console, device, "captioning", mask
     )
     predictions, references = {}, {}
     for s, answer in zip(samples, answers, strict=True):
@@ -204,7 +209,12 @@ def eval_caption(
     out.mkdir(parents=True, exist_ok=True)
     write_coco_predictions(out / "predictions.json", predictions)
     write_coco_references(out / "references.json", references)
-    meta = _meta(checkpoint, data, gen_cfg, {"prompt": prompt or "per-sample prompt", "images": len(samples)})
+    meta = _meta(
+        checkpoint,
+        data,
+        gen_cfg,
+        {"prompt": prompt or "per-sample prompt", "images": len(samples), "mask": mask or "trained"},
+    )
     write_metrics(out / "metrics.json", metrics, meta)
     console.print(
         metrics_table([(checkpoint.name, metrics)], f"Captioning on {data} ({len(samples)} images)")
@@ -221,6 +231,7 @@ def eval_vqa(
     limit: int | None = None,
     device: str = "cpu",
     console: Console | None = None,
+    mask: str | None = None,
 ) -> dict[str, float]:
     """Answer every question of `data` (its first human turn) and score PathVQA-style metrics."""
     from vlmtrain.eval.caption_metrics import atomic_write_json, write_metrics
@@ -236,7 +247,7 @@ def eval_vqa(
         return conv[0]["value"]
 
     samples, answers, _ = generate_answers(
-        checkpoint, data, question, gen_cfg, batch_size, limit, console, device, "answering"
+        checkpoint, data, question, gen_cfg, batch_size, limit, console, device, "answering", mask
     )
     preds, golds, types, rows = {}, {}, {}, []
     for s, answer in zip(samples, answers, strict=True):
@@ -261,7 +272,9 @@ def eval_vqa(
         [{"question_id": q, "answer": golds[q], "answer_type": types[q]} for q in golds],
     )
     write_metrics(
-        out / "metrics.json", metrics, _meta(checkpoint, data, gen_cfg, {"questions": len(samples)})
+        out / "metrics.json",
+        metrics,
+        _meta(checkpoint, data, gen_cfg, {"questions": len(samples), "mask": mask or "trained"}),
     )
     console.print(vqa_table([(checkpoint.name, metrics)], f"VQA on {data} ({len(samples)} questions)"))
     return metrics

@@ -70,7 +70,15 @@ def total_steps_for(stage: StageConfig) -> int:
     return steps
 
 
-def make_loader_factory(stage: StageConfig, model: VisionLanguageModel, tokenizer, ctx: DistContext):
+def make_loader_factory(
+    stage: StageConfig,
+    model: VisionLanguageModel,
+    tokenizer,
+    ctx: DistContext,
+    source: str | None = None,
+    training: bool = True,
+):
+    """Reader state -> this rank's loader. `training=False`: one unshuffled pass (validation)."""
     from vlmtrain.data.process import ImageTransform, ProcessorConfig, SampleProcessor
     from vlmtrain.data.stream import build_loader
 
@@ -87,16 +95,16 @@ def make_loader_factory(stage: StageConfig, model: VisionLanguageModel, tokenize
 
     def factory(state):
         return build_loader(
-            stage.data.train,
+            source or stage.data.train,
             processor,
             micro_batch_size=stage.batch.micro_batch_size,
             rank=ctx.rank,
             world_size=ctx.world_size,
-            num_workers=stage.data.num_workers,
+            num_workers=stage.data.num_workers if training else 0,
             seed=stage.train.seed,
             pad_token_id=tokenizer.pad_token_id,
-            shuffle=True,
-            resample=True,
+            shuffle=training,
+            resample=training,
             pack_length=stage.data.pack_length,
             state=state,
             pin_memory=ctx.device.type == "cuda",

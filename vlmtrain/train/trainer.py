@@ -107,11 +107,13 @@ class Trainer:
         make_loader: LoaderFactory,
         total_steps: int,
         fault: Fault | None = None,
+        validator: Any | None = None,
     ) -> None:
         self.stage, self.stage_dir, self.ctx = stage, stage_dir, ctx
         self.model, self.tokenizer, self.make_loader = model, tokenizer, make_loader
         self.total_steps = total_steps
         self.fault = fault
+        self.validator = validator  # vlmtrain.train.validation.Validator
         self.console = console_for(ctx.is_main)
         self.ckpt_root = stage_dir / "checkpoints"
         self.noise_pool = ordinary_token_ids(

@@ -1,0 +1,379 @@
+"""`vlmtrain demo`: synthetic data -> shards -> four stages through the DeepSpeed engine -> evaluation.
+
+Everything runs on a laptop CPU in minutes with tiny SigLIP / Qwen2 models of the real classes; the stage
+semantics (masks, stage-0 noise, trainable groups, LR ratios between groups and stages) are the shipped
+presets', with batch, step counts and one global LR scale adapted to the tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vlmtrain.config.load import read_json, shipped_stage_path, stage_config_from_dict
+from vlmtrain.config.schema import StageConfig
+
+VISION = {
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 8,
+    "num_channels": 3,
+}
+
+
+def language_config(vocab_size: int) -> dict[str, Any]:
+    return {
+        "model_type": "qwen2",
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+    }
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and lengths of the demo; the defaults take about ten minutes on 2 CPU cores."""
+
+    out: Path = Path("demo_out")
+    n_train: int = 2000
+    n_test: int = 200
+    seed: int = 0
+    mask: str = "prefix"
+    """Mask of stages 1-3: `prefix` (the paper) or `causal` (LLaVA's baseline; stage 0 then has no noise)."""
+    compare_masks: bool = False
+    """Also train the other mask and compare (the paper's prefix-vs-causal comparison)."""
+    compare_captions: bool = False
+    """Also train stages 0-2 on short human-style captions instead of recaps (the paper's finding 2)."""
+    stage_steps: tuple[int, int, int, int] = (60, 60, 300, 400)
+    lm_warmstart_steps: int = 300
+    vision_warmstart_steps: int = 300
+    global_batch: int = 32
+    micro_batch: int = 16
+    lr_scale: float = 20.0
+    """All stage LRs are the paper's times this factor: the ratios between groups and stages are kept."""
+    vocab_size: int = 700
+    eval_batch: int = 50
+    examples: int = 4
+    stages_only: tuple[int, ...] = field(default=(0, 1, 2, 3))
+
+
+@dataclass
+class Variant:
+    name: str
+    mask: str
+    captions: str  # "recap" or "short"
+
+
+def _stage_configs(
+    cfg: DemoConfig, variant: Variant, init: Path, shards: Path, dest: Path
+) -> list[StageConfig]:
+    """The shipped presets with the demo's model, data, batch, steps and LR scale written in."""
+    out = []
+    dest.mkdir(parents=True, exist_ok=True)
+    for stage in cfg.stages_only:
+        data = read_json(shipped_stage_path(stage))
+        data["model"] = {
+            "vision": str(init / "vision"),
+            "language": str(init / "language"),
+            "tokenizer": str(init / "tokenizer"),
+            "attn_backend": "sdpa",
+        }
+        for group in data["modules"].values():
+            group["lr"] *= cfg.lr_scale
+        source = "instruct" if stage == 3 else variant.captions
+        data["data"].update(train=str(shards / source / "manifest.json"), max_length=512, num_workers=1)
+        data["batch"] = {"global_batch_size": cfg.global_batch, "micro_batch_size": cfg.micro_batch}
+        data["train"].update(
+            max_steps=cfg.stage_steps[stage],
+            save_every=max(10, cfg.stage_steps[stage] // 2),
+            seed=cfg.seed,
+            gradient_checkpointing=False,
+        )
+        data["optim"]["warmup_ratio"] = 0.05
+        if variant.mask == "causal":
+            data["mask"] = {"mode": "causal", "noise_ratio": 0.0, "noise_strategy": "random_token"}
+        path = dest / f"stage{stage}.json"
+        path.write_text(json.dumps(data, indent=2))
+        out.append(stage_config_from_dict(data, source=str(path)))
+    return out
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.console = console or Console()
+        self.out = cfg.out
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, name: str, fn, *args, **kwargs):
+        self.console.rule(f"[bold cyan]{name}")
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - t, 1)
+        return result
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def make_data(self):
+        from vlmtrain.data.shard import shard
+        from vlmtrain.demo.corpus import write_corpus
+
+        c = self.cfg
+        corpus = write_corpus(
+            self.out / "data",
+            c.n_train,
+            c.n_test,
+            image_size=VISION["image_size"],
+            seed=c.seed,
+            overwrite=True,
+        )
+        shards = self.out / "shards"
+        jobs = {
+            "recap": (corpus.recap_train, "llava", {}),
+            "short": (corpus.short_train, "llava", {}),
+            "instruct": (corpus.instruct_train, "llava", {}),
+            "karpathy_test": (corpus.karpathy, "karpathy", {"split": "test"}),
+            "vqa_test": (
+                corpus.vqa_test,
+                "jsonl",
+                {"question_column": "question", "answer_column": "answer"},
+            ),
+        }
+        for name, (src, fmt, kw) in jobs.items():
+            summary = shard(src, fmt, corpus.images, shards / name, shard_size=500, progress=False, **kw)
+            skipped = sum(summary.skipped.values())
+            self.console.print(
+                f"  {name:14s} {summary.samples:5d} samples, {len(summary.shards)} shards, {skipped} skipped"
+            )
+        return corpus, shards
+
+    def make_components(self, corpus) -> Path:
+        from vlmtrain.data.tokenizer import build_tokenizer
+        from vlmtrain.demo.warmstart import pretrain_language, pretrain_vision
+
+        c = self.cfg
+        init = self.out / "init"
+        texts, short = [], []
+        for path in (corpus.recap_train, corpus.short_train, corpus.instruct_train):
+            for rec in json.loads(path.read_text()):
+                texts.append(
+                    " ".join(t["value"].replace("<image>", "").strip() for t in rec["conversations"])
+                )
+        tokenizer = build_tokenizer(texts, vocab_size=c.vocab_size)
+        tokenizer.save_pretrained(str(init / "tokenizer"))
+        chats = []
+        for path in (corpus.recap_train, corpus.short_train, corpus.instruct_train):
+            for rec in json.loads(path.read_text()):
+                msgs = [
+                    {
+                        "role": "user" if t["from"] == "human" else "assistant",
+                        "content": t["value"].replace("<image>\n", ""),
+                    }
+                    for t in rec["conversations"]
+                ]
+                chats.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+        lm = self._warm(
+            "language model",
+            c.lm_warmstart_steps,
+            lambda cb: pretrain_language(
+                chats,
+                tokenizer,
+                language_config(len(tokenizer)),
+                c.lm_warmstart_steps,
+                seed=c.seed,
+                on_step=cb,
+            ),
+        )
+        lm.save_pretrained(str(init / "language"))
+        for rec in json.loads(corpus.short_train.read_text()):
+            short.append((corpus.images / rec["image"], rec["conversations"][1]["value"]))
+        tower = self._warm(
+            "vision tower",
+            c.vision_warmstart_steps,
+            lambda cb: pretrain_vision(
+                [p for p, _ in short],
+                [s for _, s in short],
+                tokenizer,
+                VISION,
+                c.vision_warmstart_steps,
+                seed=c.seed,
+                on_step=cb,
+            ),
+        )
+        tower.save_pretrained(str(init / "vision"))
+        return init
+
+    def _warm(self, what: str, steps: int, fn):
+        from rich.progress import Progress
+
+        with Progress(console=self.console) as progress:
+            task = progress.add_task(f"warm-start {what}", total=steps)
+
+            def cb(step: int, loss: float) -> None:
+                progress.update(task, completed=step, description=f"warm-start {what} loss {loss:.3f}")
+
+            return fn(cb)
+
+    # ---- training and evaluation ------------------------------------------------------------------------
+    def train_variant(self, variant: Variant, init: Path, shards: Path, ctx) -> Path:
+        from vlmtrain.train.run import run_stages
+
+        root = self.out / "variants" / variant.name
+        stages = _stage_configs(self.cfg, variant, init, shards, root / "configs")
+        run_stages(stages, root / "runs", ctx, resume=True)
+        return root
+
+    def evaluate(self, root: Path, shards: Path, eval_dir: Path) -> dict[str, dict[str, float]]:
+        from vlmtrain.eval.generate import GenerationConfig
+        from vlmtrain.eval.run import eval_caption, eval_vqa
+
+        final = root / "runs" / f"stage{self.cfg.stages_only[-1]}" / "final"
+        cap = eval_caption(
+            final,
+            str(shards / "karpathy_test" / "manifest.json"),
+            eval_dir,
+            None,
+            GenerationConfig(max_new_tokens=32),
+            self.cfg.eval_batch,
+            console=self.console,
+        )
+        vqa = eval_vqa(
+            final,
+            str(shards / "vqa_test" / "manifest.json"),
+            eval_dir / "vqa",
+            GenerationConfig(max_new_tokens=6),
+            self.cfg.eval_batch,
+            console=self.console,
+        )
+        return {"caption": cap, "vqa": vqa}
+
+    def baselines(self, corpus, eval_dir: Path) -> dict[str, Any]:
+        from vlmtrain.eval.caption_metrics import best_constant_caption
+        from vlmtrain.eval.vqa_metrics import majority_answer_baseline
+
+        refs: dict[Any, list[str]] = {}
+        for ann in json.loads((eval_dir / "references.json").read_text())["annotations"]:
+            refs.setdefault(ann["image_id"], []).append(ann["caption"])
+        caption, cap_metrics = best_constant_caption(refs)
+        counts = json.loads(corpus.vqa_train_answers.read_text())["by_answer_type"]
+        train = {f"{t}:{a}:{i}": a for t, c in counts.items() for a, n in c.items() for i in range(n)}
+        train_types = {k: k.split(":")[0] for k in train}
+        gold = [json.loads(line) for line in corpus.vqa_test.read_text().splitlines()]
+        chosen, vqa_metrics = majority_answer_baseline(
+            train,
+            train_types,
+            {g["id"]: g["answer"] for g in gold},
+            {g["id"]: g["answer_type"] for g in gold},
+        )
+        return {
+            "constant_caption": caption,
+            "caption": cap_metrics,
+            "majority_answers": chosen,
+            "vqa": vqa_metrics,
+        }
+
+    # ---- reporting ---------------------------------------------------------------------------------------
+    def report(self, results: dict[str, dict], base: dict[str, Any], main: str) -> None:
+        from vlmtrain.eval.report import metrics_table, vqa_table
+
+        rows = [(f"model ({name})", r["caption"]) for name, r in results.items()]
+        rows.append((f"best constant caption: {base['constant_caption']!r}", base["caption"]))
+        self.console.print(metrics_table(rows, "Captioning, synthetic Karpathy-style test split (x100)"))
+        vrows = [(f"model ({name})", r["vqa"]) for name, r in results.items()]
+        vrows.append((f"majority answer {base['majority_answers']}", base["vqa"]))
+        self.console.print(vqa_table(vrows, "VQA on the test split (x100)"))
+        self._examples(main)
+
+    def _examples(self, main: str) -> None:
+        preds = json.loads((self.out / "eval" / "predictions.json").read_text())
+        refs = json.loads((self.out / "eval" / "references.json").read_text())["annotations"]
+        by_image: dict[Any, list[str]] = {}
+        for a in refs:
+            by_image.setdefault(a["image_id"], []).append(a["caption"])
+        table = Table(title=f"Example captions ({main})")
+        table.add_column("image")
+        table.add_column("model")
+        table.add_column("a reference")
+        for p in preds[: self.cfg.examples]:
+            table.add_row(str(p["image_id"]), p["caption"], by_image[p["image_id"]][0])
+        self.console.print(table)
+        qa = json.loads((self.out / "eval" / "vqa" / "predictions.json").read_text())
+        table = Table(title=f"Example answers ({main})")
+        for col in ("question", "model", "truth"):
+            table.add_column(col)
+        for r in qa[: 2 * self.cfg.examples]:
+            table.add_row(r["question"], r["answer"], r["gold"])
+        self.console.print(table)
+
+    def plot(self, variants: list[str]) -> Path:
+        from vlmtrain.logging import plot_loss_curves, read_metrics
+
+        curves = {}
+        for name in variants:
+            for stage in self.cfg.stages_only:
+                recs = read_metrics(self.out / "variants" / name / "runs" / f"stage{stage}" / "metrics.jsonl")
+                curves[f"{name} stage{stage}"] = [(r["step"], r["loss"]) for r in recs if not r["skipped"]]
+        return plot_loss_curves(curves, self.out / "loss_curves.png", "Training loss per stage")
+
+    # ---- the whole run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import shutil
+
+        from vlmtrain.dist import init_distributed
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        corpus, shards = self._timed("1/5 synthetic corpus and shards", self.make_data)
+        init = self._timed("2/5 tokenizer and warm-started tiny SigLIP / Qwen2", self.make_components, corpus)
+        ctx = init_distributed()
+        variants = [Variant(c.mask, c.mask, "recap")]
+        if c.compare_masks:
+            other = "causal" if c.mask == "prefix" else "prefix"
+            variants.append(Variant(other, other, "recap"))
+        if c.compare_captions:
+            variants.append(Variant(f"{c.mask}-short-captions", c.mask, "short"))
+        results = {}
+        for v in variants:
+            root = self._timed(f"3/5 stages 0-3 ({v.name})", self.train_variant, v, init, shards, ctx)
+            results[v.name] = self._timed(
+                f"4/5 evaluation ({v.name})", self.evaluate, root, shards, root / "eval"
+            )
+        main = variants[0].name
+        if (self.out / "eval").exists():
+            shutil.rmtree(self.out / "eval")
+        shutil.copytree(self.out / "variants" / main / "eval", self.out / "eval")
+        base = self._timed("5/5 baselines", self.baselines, corpus, self.out / "eval")
+        self.report(results, base, main)
+        plot = self.plot([v.name for v in variants])
+        total = round(time.perf_counter() - t0, 1)
+        summary = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()},
+            "results": results,
+            "baselines": base,
+            "timings_s": {**self.timings, "total": total},
+            "loss_curves": str(plot),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self.console.print(
+            f"[bold green]demo finished in {total:.0f} s[/]; results in {self.out} (summary.json, eval/, loss_curves.png)"
+        )
+        return summary
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
+    return Demo(cfg, console).run()

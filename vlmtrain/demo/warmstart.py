@@ -1,0 +1,127 @@
+"""Warm-start the demo's tiny components, standing in for the pretrained SigLIP and Qwen checkpoints.
+
+The paper starts from a contrastively pretrained SigLIP and a pretrained Qwen2.5. Nothing can be downloaded
+here, so the demo pretrains its tiny towers the same way, briefly, on the training split only:
+- the language model: next-token prediction on the training texts (recaps, captions, conversations rendered
+  with the chat template) without images, so it knows the language before stages 0-1 keep it frozen;
+- the vision tower: SigLIP's sigmoid image-text contrastive loss against a bag-of-words text encoder of the
+  short captions, so its patch features carry colour, shape and position before the projector is aligned.
+Both are saved with `save_pretrained` and loaded by stage 0 through the normal `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
+
+from vlmtrain.data.process import ImageTransform
+from vlmtrain.models.language import load_language_model
+
+Progress = Callable[[int, float], None]  # (step, loss)
+
+
+def pretrain_language(
+    texts: Sequence[str],
+    tokenizer,
+    config: dict,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_step: Progress | None = None,
+) -> PreTrainedModel:
+    """A Qwen2 LM trained from scratch for `steps` steps of causal LM on `texts`."""
+    torch.manual_seed(seed)
+    model = load_language_model(None, config, "sdpa")
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+    model.train()
+    for step in range(steps):
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
+        length = max(map(len, batch))
+        ids = torch.full((batch_size, length), pad)
+        mask = torch.zeros(batch_size, length, dtype=torch.long)
+        for i, seq in enumerate(batch):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if on_step:
+            on_step(step + 1, float(loss))
+    return model.eval()
+
+
+class _BagOfWords(nn.Module):
+    """The text side of the contrastive warm start: mean token embedding, then a linear map."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, ids: list[list[int]]) -> torch.Tensor:
+        flat = torch.tensor([i for seq in ids for i in seq])
+        offsets = torch.tensor([0] + [len(s) for s in ids[:-1]]).cumsum(0)
+        return self.proj(self.embed(flat, offsets))
+
+
+def pretrain_vision(
+    images: Sequence[Path],
+    captions: Sequence[str],
+    tokenizer,
+    config: dict,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    on_step: Progress | None = None,
+) -> SiglipVisionModel:
+    """A SigLIP vision tower trained with the sigmoid contrastive loss against caption bag-of-words."""
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(**{**config, "vision_use_head": False})
+    tower = SiglipVisionModel(cfg)
+    dim = cfg.hidden_size
+    text = _BagOfWords(len(tokenizer), dim)
+    head = nn.Linear(dim, dim)
+    # SigLIP's learnable temperature and bias, initialised as in the SigLIP paper (t' = log 10, b = -10).
+    log_t = nn.Parameter(torch.tensor(2.302585))
+    bias = nn.Parameter(torch.tensor(-10.0))
+    params = [*tower.parameters(), *text.parameters(), *head.parameters(), log_t, bias]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    transform = ImageTransform(image_size=cfg.image_size)
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
+    rng = random.Random(seed)
+    tower.train()
+    for step in range(steps):
+        idx = rng.sample(range(len(pixels)), min(batch_size, len(pixels)))
+        img = F.normalize(head(tower(pixel_values=pixels[idx]).last_hidden_state.mean(1)), dim=-1)
+        txt = F.normalize(text([tokens[i] for i in idx]), dim=-1)
+        logits = img @ txt.T * log_t.exp() + bias
+        # Pairs of the same caption text are positives too (identical scenes are common in a tiny world).
+        same = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx], dtype=torch.float32)
+        loss = -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if on_step:
+            on_step(step + 1, float(loss))
+    return tower.eval()
