@@ -107,7 +107,7 @@ def test_cider_equals_eval_caption(setup, tokenizer):
 
 
 def test_due_steps(setup, tokenizer):
-    root, manifest, model, stage = setup
+    root, _, _, stage = setup
     validator = Validator(
         stage, DistContext(0, 1, 0, torch.device("cpu")), tokenizer, lambda: [], root / "v.jsonl"
     )

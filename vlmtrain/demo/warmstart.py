@@ -62,7 +62,7 @@ def pretrain_language(
         opt.step()
         sched.step()
         if on_step:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, float(loss.detach()))
     return model.eval()
 
 
@@ -123,5 +123,5 @@ def pretrain_vision(
         opt.step()
         sched.step()
         if on_step:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, float(loss.detach()))
     return tower.eval()
