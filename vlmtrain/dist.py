@@ -33,8 +33,17 @@ def init_distributed(backend: str | None = None) -> DistContext:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    else:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            # Per-process guesses would make the ranks wait for each other forever.
+            raise RuntimeError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {' and '.join(missing)} unset: launch with deepspeed or "
+                "torchrun, or export MASTER_ADDR (the first node) and MASTER_PORT (see launch/slurm/)"
+            )
     cuda = torch.cuda.is_available()
     if not cuda:
         # DeepSpeed picks its accelerator when first imported; without CUDA it must be told to use the CPU.

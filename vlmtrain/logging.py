@@ -33,11 +33,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         if self._tb is not None:
             step = int(record["step"])
             for key, value in _flatten(record).items():
-                if isinstance(value, int | float) and key != "step" and math.isfinite(value):
+                if (
+                    isinstance(value, int | float) and key != "step" and math.isfinite(value)
+                ):  # None skipped too
                     self._tb.add_scalar(key, value, step)
 
     def truncate_after(self, step: int) -> None:
@@ -54,6 +56,17 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN/Inf (a skipped step's loss) become null: the file stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -367,6 +367,14 @@ class ShardStream(IterableDataset):
             yield epoch, raw, len(contents), contents.ignored[i]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and exits; they die with their parent."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _identity(batch: Batch) -> Batch:
     return batch
 
@@ -497,6 +505,7 @@ class StreamLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
         )
         for batch in loader:
             self._absorb(batch["stream"])

@@ -15,7 +15,7 @@ from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
-from vlmtrain.train.trainer import FINAL, Fault, StageResult, Trainer, is_stage_complete
+from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
 
 
 def resolve_init(stage: StageConfig, run_dir: Path) -> Path | None:
@@ -118,6 +118,7 @@ def run_stage(
 ) -> StageResult:
     console = console_for(ctx.is_main)
     stage_dir = run_dir / stage.name
+    stage.batch.accumulation_steps(ctx.world_size)  # fail on an impossible batch before loading a model
     console.rule(f"[bold]{stage.name}[/] {stage.description}")
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # paper: TF32 where fp32 is needed
@@ -145,17 +146,22 @@ def run_stages(
 ) -> list[StageResult | Path]:
     """Train stages in order; with `resume`, stages whose output is complete are skipped."""
     console = console_for(ctx.is_main)
-    results: list[StageResult | Path] = []
     for stage in stages:
-        if resume and is_stage_complete(run_dir / stage.name):
-            console.print(
-                f"[bold]{stage.name}[/]: already complete at {run_dir / stage.name / FINAL}, skipping"
-            )
-            results.append(run_dir / stage.name / FINAL)
-            continue
-        results.append(run_stage(stage, run_dir, ctx, resume=resume))
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        barrier()
+        stage.batch.accumulation_steps(ctx.world_size)  # every stage's batch is possible before any trains
+    results: list[StageResult | Path] = []
+    PREEMPTION.install()  # for the whole run: a stop signal while a model loads is kept, not fatal
+    try:
+        for stage in stages:
+            final = run_dir / stage.name / FINAL
+            if resume and is_stage_complete(run_dir / stage.name):
+                console.print(f"[bold]{stage.name}[/]: already complete at {final}, skipping")
+                results.append(final)
+                continue
+            results.append(run_stage(stage, run_dir, ctx, resume=resume))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            barrier()
+    finally:
+        PREEMPTION.uninstall()
     return results

@@ -52,7 +52,11 @@ class TooManyBadSteps(RuntimeError):
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits."""
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits.
+
+    Installed once for the whole run (before any model loads), so a signal during loading or between
+    stages is kept rather than killing the process; the next training step acts on it.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -68,6 +72,14 @@ class PreemptionFlag:
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+
+PREEMPTION = PreemptionFlag()
 
 
 @dataclass
@@ -116,9 +128,8 @@ class Trainer:
         self.validator = validator  # vlmtrain.train.validation.Validator
         self.console = console_for(ctx.is_main)
         self.ckpt_root = stage_dir / "checkpoints"
-        self.noise_pool = ordinary_token_ids(
-            model.language.get_input_embeddings().num_embeddings, set(tokenizer.all_special_ids)
-        )
+        # len(tokenizer), not the embedding rows: Qwen pads its embedding matrix past the last real token.
+        self.noise_pool = ordinary_token_ids(len(tokenizer), set(tokenizer.all_special_ids))
 
     # ---- setup --------------------------------------------------------------------------------------
     def _frozen_originals(self) -> dict[str, torch.Tensor]:
@@ -296,8 +307,10 @@ class Trainer:
         metrics.truncate_after(start)
         loader = self.make_loader(reader_state)
         batches = iter(loader)
-        preempt = PreemptionFlag()
-        preempt.install()
+        preempt = PREEMPTION
+        owns_handler = not preempt.installed  # run_stages installs it for the whole run
+        if owns_handler:
+            preempt.install()
         step = start
         try:
             with self._progress() as progress:
@@ -353,7 +366,8 @@ class Trainer:
             self._save(engine, loader, step, counters)
             out = self._write_output(engine, frozen)
         finally:
-            preempt.uninstall()
+            if owns_handler:
+                preempt.uninstall()
             metrics.close()
         if self.ctx.is_main:
             points = [(r["step"], r["loss"]) for r in read_metrics(metrics.path) if not r["skipped"]]

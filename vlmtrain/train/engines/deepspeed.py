@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,15 @@ def ds_config_path(name_or_path: str) -> Path:
     if path.is_file():
         return path
     candidates = [
-        Path.cwd() / "ds_configs" / f"{name_or_path}.json",
-        Path(str(resources.files("vlmtrain"))).parent / "ds_configs" / f"{name_or_path}.json",
+        Path.cwd() / "ds_configs" / f"{name_or_path}.json",  # a checkout
+        Path(str(resources.files("vlmtrain"))).parent
+        / "ds_configs"
+        / f"{name_or_path}.json",  # editable install
+        Path(sys.prefix)
+        / "share"
+        / "vlmtrain"
+        / "ds_configs"
+        / f"{name_or_path}.json",  # pip install (data_files)
     ]
     for c in candidates:
         if c.is_file():
