@@ -158,11 +158,6 @@ class VisionLanguageModel(nn.Module):
         token_loss[:, 1:][valid] = losses
         n = int(valid.sum())
         loss = losses.sum() / max(n, 1)
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            # No image in this micro-batch: touch the image path with weight 0 so every rank produces a
-            # gradient (zeros) for the same trainable parameters, as distributed reductions expect.
-            loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters() if p.requires_grad)
-            loss = loss + 0.0 * sum(p.sum() for p in self.vision.parameters() if p.requires_grad)
         return VLMOutput(loss, token_loss, n, logits)
 
     # ---- persistence --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
+from vlmtrain.models.vlm import IGNORE_INDEX, VisionLanguageModel, VLMOutput
 
 
 @dataclass
@@ -36,7 +36,9 @@ class EngineState:
 class Engine(ABC):
     """A model wrapped for distributed training with one optimizer and LR schedule."""
 
-    module: VisionLanguageModel  # the unwrapped model (parameters in the compute dtype)
+    module: (
+        VisionLanguageModel  # the model as the engine runs it (DeepSpeed: bf16 copies; FSDP: sharded fp32)
+    )
     accumulation_steps: int
 
     @abstractmethod
@@ -91,3 +93,50 @@ def broadcast_full(tensor: torch.Tensor | None, like: torch.Tensor, device: torc
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(buf, src=0)
     return buf
+
+
+def with_blank_image(
+    batch: dict[str, torch.Tensor], image_token_id: int, num_image_tokens: int, image_size: int
+) -> dict[str, torch.Tensor]:
+    """The micro-batch plus one row holding a blank image and no label; for micro-batches without images.
+
+    A trainable vision tower must run on every rank for every micro-batch, so that all ranks' backward
+    passes produce the same gradients in the same order: FSDP all-gathers and reduce-scatters its blocks
+    as collectives (a rank that skipped the tower would pair its collectives with other ones), and
+    DeepSpeed ZeRO-2 reduces gradients in buckets filled in the order they become ready. The added row is
+    a sample of its own with nothing supervised, so the loss and every gradient are unchanged. (The
+    model's own fallback, a zero-weighted sum over the tower's parameters, cannot reach parameters that
+    are sharded between forwards, and makes those gradients ready at another point of the backward.)
+    """
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    width = max(width, num_image_tokens)
+
+    def grow(t: torch.Tensor, fill: int | bool, image_value: int | bool) -> torch.Tensor:
+        out = t.new_full((rows + 1, width), fill)
+        out[:rows, : t.shape[1]] = t
+        out[rows, :num_image_tokens] = image_value
+        return out
+
+    out = dict(batch)
+    out["input_ids"] = grow(ids, 0, image_token_id)  # padding ids are never attended to or scored
+    out["labels"] = grow(batch["labels"], IGNORE_INDEX, IGNORE_INDEX)
+    out["image_flags"] = grow(batch["image_flags"].bool(), False, True)
+    out["sample_ids"] = grow(batch["sample_ids"], 0, 1)
+    if "position_ids" in batch:
+        out["position_ids"] = grow(batch["position_ids"], 0, 0)
+        out["position_ids"][rows, :num_image_tokens] = torch.arange(num_image_tokens, device=ids.device)
+    pixels = batch.get("pixel_values")
+    dtype = pixels.dtype if pixels is not None else torch.float32
+    out["pixel_values"] = torch.zeros((1, 3, image_size, image_size), dtype=dtype, device=ids.device)
+    return out
+
+
+def has_images(batch: dict[str, torch.Tensor]) -> bool:
+    pixels = batch.get("pixel_values")
+    return pixels is not None and pixels.shape[0] > 0
+
+
+def needs_image_path(model: VisionLanguageModel) -> bool:
+    """Whether the image path (tower or projector) trains, so every micro-batch must run it."""
+    return any(p.requires_grad for p in (*model.vision.parameters(), *model.projector.parameters()))

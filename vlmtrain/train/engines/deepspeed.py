@@ -20,7 +20,15 @@ from deepspeed.utils import (
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext
 from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
-from vlmtrain.train.engines.base import Engine, EngineState, StepResult, broadcast_full
+from vlmtrain.train.engines.base import (
+    Engine,
+    EngineState,
+    StepResult,
+    broadcast_full,
+    has_images,
+    needs_image_path,
+    with_blank_image,
+)
 from vlmtrain.train.optim import GroupSpec, make_optimizer, make_scheduler
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -92,11 +100,17 @@ class DeepSpeedEngine(Engine):
             model=model, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.config
         )
         self.module = self.engine.module
+        self._blank_image = needs_image_path(self.module)
         # DeepSpeed links fragments to optimizer state once, after the first group's first step, so with
         # several groups the others would stay unlinked; creating the state up front links every group.
         self._prime_optimizer_state()
 
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
+        if self._blank_image and not has_images(batch):
+            # Every rank must run the image path in every micro-batch: ZeRO-2 reduces gradients in buckets
+            # filled in the order they become ready, and a rank that skipped the path would mix them up.
+            m = self.module
+            batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
         return self.engine(**batch, mask_mode=mask_mode)
 
     def backward(self, loss: torch.Tensor) -> None:

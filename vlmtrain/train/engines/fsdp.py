@@ -1,0 +1,294 @@
+"""PyTorch FSDP2 engine: `fully_shard` per transformer block, bf16 compute over fp32 sharded master weights.
+
+It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and the losses are the same:
+- Trainable towers are sharded one FSDP unit per transformer block; the projector, the LM's embedding,
+  final norm and tied head, and the vision tower's embeddings live in the root unit. Frozen groups are not
+  sharded: their parameters are cast to the compute dtype and replicated, exactly as DeepSpeed ZeRO-2
+  holds them, and no optimizer ever sees them.
+- Sharded parameters stay fp32 (the master weights); `MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)` all-gathers them as bf16 for compute and reduces gradients in fp32.
+- Loss is scaled by 1/accumulation in `backward` (DeepSpeed's `engine.backward` does the same) and FSDP
+  averages over ranks, so both engines apply the mean gradient over every micro-batch of the global batch.
+  Gradients are reduced only on the last micro-batch of a window (`set_requires_gradient_sync`).
+- The global gradient norm is reduced over ranks, so a non-finite gradient on any rank is seen by all:
+  the step is skipped (optimizer and LR schedule), gradients are zeroed, `skipped=True`.
+- `gather_state` / `load_state` go through torch.distributed.checkpoint's full state dicts and produce the
+  world-size-independent EngineState that DeepSpeedEngine writes; checkpoints move between engines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from vlmtrain.config.schema import StageConfig
+from vlmtrain.dist import DistContext, broadcast_object
+from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
+from vlmtrain.train.engines.base import (
+    Engine,
+    EngineState,
+    StepResult,
+    has_images,
+    needs_image_path,
+    with_blank_image,
+)
+from vlmtrain.train.optim import GroupSpec, make_optimizer, make_scheduler
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How the engine lays out a model's module groups."""
+
+    sharded: tuple[str, ...]
+    """Trainable groups: FSDP-sharded (towers block by block, everything else in the root unit)."""
+    replicated: tuple[str, ...]
+    """Frozen groups: cast to the compute dtype, left out of FSDP (`ignored_params`) and of the optimizer."""
+
+
+def plan_sharding(model: VisionLanguageModel, stage: StageConfig) -> ShardPlan:
+    groups = tuple(model.module_groups())
+    sharded = tuple(g for g in groups if stage.modules[g].trainable)
+    return ShardPlan(sharded, tuple(g for g in groups if g not in sharded))
+
+
+def transformer_blocks(model: VisionLanguageModel, group: str) -> list[nn.Module]:
+    """The repeated blocks of a tower; each becomes an FSDP unit, all-gathered just before it runs."""
+    if group == "vision":
+        tower = getattr(model.vision, "vision_model", model.vision)  # transformers 4 nests the tower
+        return list(tower.encoder.layers)
+    if group == "language":
+        return list(model.language.get_decoder().layers)
+    return []
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=COMPUTE_DTYPES[precision], reduce_dtype=torch.float32)
+
+
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters only: buffers such as RoPE's inv_freq stay fp32, as DeepSpeed also leaves them."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+
+
+def apply_fsdp(
+    model: VisionLanguageModel, plan: ShardPlan, mesh: DeviceMesh, precision: str
+) -> VisionLanguageModel:
+    """Shard `model` in place, bottom-up: the blocks of the trainable towers, then the root.
+
+    Only blocks and the root become units. The LM decoder cannot be one: its embedding is tied to the LM
+    head, which runs outside the decoder's forward, so both stay in the root unit (unsharded for the step).
+    The vision tower cannot be one either: `fully_shard` swaps a module's class, and transformers finds
+    which outputs a model can record (the hidden states the projector reads) by its class. Its patch and
+    position embeddings are small and join the root unit.
+    """
+    mp = mixed_precision(precision)
+    ignored: set[nn.Parameter] = set()
+    groups = model.module_groups()
+    for group in plan.replicated:
+        cast_parameters(groups[group], COMPUTE_DTYPES[precision])
+        ignored.update(groups[group].parameters())
+    for group in plan.sharded:
+        for block in transformer_blocks(model, group):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    return model
+
+
+def rebind_specs(specs: list[GroupSpec], named: dict[str, nn.Parameter]) -> list[GroupSpec]:
+    """The parameter groups with `fully_shard`'s new (DTensor) parameters in place of the originals."""
+    return [replace(s, params=tuple(named[n] for n in s.param_names)) for s in specs]
+
+
+class FSDPEngine(Engine):
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        stage: StageConfig,
+        specs: list[GroupSpec],
+        total_steps: int,
+        ctx: DistContext,
+    ) -> None:
+        self.ctx = ctx
+        self.accumulation_steps = stage.batch.accumulation_steps(ctx.world_size)
+        self.grad_clip = stage.optim.grad_clip
+        self.plan = plan_sharding(model, stage)
+        _check_specs(model, specs)
+        self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        self.module = apply_fsdp(model, self.plan, self.mesh, stage.train.precision)
+        self._check_trainable_sharded()
+        self.specs = rebind_specs(specs, dict(self.module.named_parameters()))
+        self.optimizer = make_optimizer(self.specs, stage.optim)
+        self.scheduler = make_scheduler(self.optimizer, self.specs, total_steps, stage.optim)
+        self._micro = 0  # micro-batches done in the current accumulation window
+        self._blank_image = needs_image_path(self.module)
+
+    def _check_trainable_sharded(self) -> None:
+        plain = [n for n, p in self.trainable_named_parameters() if not isinstance(p, DTensor)]
+        if plain:
+            raise RuntimeError(f"trainable parameters outside every FSDP unit: {plain[:3]}")
+
+    @property
+    def fsdp_root(self) -> FSDPModule:
+        return self.module  # type: ignore[return-value]  # fully_shard made the model an FSDPModule
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
+        if self._blank_image and not has_images(batch):
+            batch = with_blank_image(
+                batch,
+                self.module.image_token_id,
+                self.module.num_image_tokens,
+                self.module.vision.config.image_size,
+            )
+        return self.module(**batch, mask_mode=mask_mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        last = self._micro + 1 == self.accumulation_steps
+        self.fsdp_root.set_requires_gradient_sync(last)  # reduce once per window, on its last micro-batch
+        (loss / self.accumulation_steps).backward()
+
+    def step(self) -> StepResult:
+        self._micro += 1
+        if self._micro < self.accumulation_steps:
+            return StepResult(boundary=False)
+        self._micro = 0
+        norm = self._clip_gradients()
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(boundary=True, skipped=True, grad_norm=None)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(boundary=True, skipped=False, grad_norm=norm)
+
+    def _clip_gradients(self) -> float:
+        """Global L2 norm of the gradients (before clipping), identical on every rank; clips if finite."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            raise RuntimeError("no trainable parameter received a gradient in this accumulation window")
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # the sum over every rank's shards: one value everywhere
+        value = float(norm)
+        if math.isfinite(value) and self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        return value
+
+    def group_lrs(self) -> dict[str, float]:
+        return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
+
+    # ---- state --------------------------------------------------------------------------------------
+    def _adam_step_count(self) -> int:
+        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return max(steps, default=0)
+
+    def gather_state(self) -> EngineState:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only
+        state = EngineState(
+            optimizer_steps=self._adam_step_count(), scheduler_steps=int(self.scheduler.last_epoch)
+        )
+        names = [n for n, _ in self.trainable_named_parameters()]
+        model_sd = get_model_state_dict(self.module, options=opts)
+        # Before the first applied step AdamW has no state, and asking for it would create some (the
+        # state-dict API runs a zero step), changing the bias correction of the next real step.
+        optim_sd = (
+            get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+            if state.optimizer_steps > 0
+            else {}
+        )
+        if not self.ctx.is_main:
+            return state
+        state.params = {n: _fp32(model_sd[n]) for n in names}
+        if state.optimizer_steps > 0:
+            moments = optim_sd["state"]
+            state.exp_avg = {n: _fp32(moments[n]["exp_avg"]) for n in names}
+            state.exp_avg_sq = {n: _fp32(moments[n]["exp_avg_sq"]) for n in names}
+        return state
+
+    def load_state(self, state: EngineState) -> None:
+        is_main = self.ctx.is_main
+        self.check_state_covers(state, is_main)
+        names = [n for n, _ in self.trainable_named_parameters()]
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        params = {n: state.params[n] for n in names} if is_main else {}
+        set_model_state_dict(self.module, params, options=opts)
+        if state.optimizer_steps > 0:
+            self._check_moments(state, names)
+            optim_sd = self._full_optimizer_state(state, names) if is_main else {}
+            set_optimizer_state_dict(self.module, self.optimizer, optim_sd, options=opts)
+        else:
+            self.optimizer.state.clear()  # AdamW starts fresh, as in a new run
+        self._restore_schedule(state.scheduler_steps)
+
+    def _check_moments(self, state: EngineState, names: list[str]) -> None:
+        """Collective: a checkpoint that took optimizer steps must carry both moments of every parameter."""
+        missing = None
+        if self.ctx.is_main:
+            missing = [n for n in names if n not in state.exp_avg or n not in state.exp_avg_sq]
+        missing = broadcast_object(missing)
+        if missing:
+            raise KeyError(
+                f"checkpoint has optimizer_steps={state.optimizer_steps} but lacks AdamW moments of "
+                f"{len(missing)} parameter(s), e.g. {missing[:3]}; optimizer.safetensors is incomplete"
+            )
+
+    def _full_optimizer_state(self, state: EngineState, names: list[str]) -> dict[str, Any]:
+        """AdamW's state dict keyed by parameter name: the format torch.distributed.checkpoint loads from."""
+        step = torch.tensor(float(state.optimizer_steps), dtype=torch.float32)
+        per_param = {
+            n: {"step": step.clone(), "exp_avg": state.exp_avg[n], "exp_avg_sq": state.exp_avg_sq[n]}
+            for n in names
+        }
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(spec.param_names)}
+            for g, spec in zip(self.optimizer.param_groups, self.specs, strict=True)
+        ]
+        return {"state": per_param, "param_groups": groups}
+
+    def _restore_schedule(self, scheduler_steps: int) -> None:
+        sched = self.scheduler
+        sched.last_epoch = scheduler_steps
+        for group, base, fn in zip(
+            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * fn(scheduler_steps)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    # A copy even when nothing needs converting: on a CPU world of one the "full" tensor is the live shard.
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+
+
+def _check_specs(model: VisionLanguageModel, specs: list[GroupSpec]) -> None:
+    """Only trainable parameters of the model may reach the optimizer, each once."""
+    named = dict(model.named_parameters())
+    seen: set[str] = set()
+    for spec in specs:
+        for name in spec.param_names:
+            if name not in named:
+                raise KeyError(f"optimizer group {spec.name} names {name}, which the model does not have")
+            if not named[name].requires_grad:
+                raise ValueError(f"optimizer group {spec.name} holds frozen parameter {name}")
+            if name in seen:
+                raise ValueError(f"parameter {name} is in more than one optimizer group")
+            seen.add(name)
