@@ -94,6 +94,9 @@ class DeepSpeedEngine(Engine):
         self.specs = specs
         self.config = resolve_ds_config(stage, ctx.world_size)
         self.accumulation_steps = self.config["gradient_accumulation_steps"]
+        # DeepSpeed casts the model to bf16 before it builds its fp32 masters from it; keep the incoming fp32
+        # values so the masters start exact rather than bf16-rounded (matters for chained stages).
+        incoming = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = make_optimizer(specs, stage.optim)
         scheduler = make_scheduler(self.optimizer, specs, total_steps, stage.optim)
         self.engine, self.ds_optimizer, _, self.scheduler = deepspeed.initialize(
@@ -104,6 +107,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed links fragments to optimizer state once, after the first group's first step, so with
         # several groups the others would stay unlinked; creating the state up front links every group.
         self._prime_optimizer_state()
+        for name, p in self.trainable_named_parameters():
+            safe_set_full_fp32_param(p, incoming.pop(name).to(ctx.device))
 
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
         if self._blank_image and not has_images(batch):
