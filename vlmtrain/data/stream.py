@@ -674,39 +674,10 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def build_loader(
-    source: str | Path,
-    processor: SampleProcessor,
-    *,
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    seed: int,
-    pad_token_id: int,
-    shuffle: bool = True,
-    resample: bool = True,
-    pack_length: int | None = None,
-    pad_to_multiple_of: int | None = None,
-    state: dict[str, Any] | None = None,
-    prefetch_factor: int = 2,
-    pin_memory: bool = False,
-) -> StreamLoader:
-    """The rank's loader over the shards of ``source`` (a manifest.json or a brace pattern)."""
-    return StreamLoader(
-        load_source(source),
-        processor,
-        micro_batch_size=micro_batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        seed=seed,
-        pad_token_id=pad_token_id,
-        shuffle=shuffle,
-        resample=resample,
-        pack_length=pack_length,
-        pad_to_multiple_of=pad_to_multiple_of,
-        state=state,
-        prefetch_factor=prefetch_factor,
-        pin_memory=pin_memory,
-    )
+def build_loader(source: str | Path, processor: SampleProcessor, **options: Any) -> StreamLoader:
+    """The rank's loader over the shards of ``source`` (a manifest.json or a brace pattern).
+
+    ``options`` are StreamLoader's keyword arguments (micro_batch_size, rank, world_size, num_workers, seed,
+    pad_token_id, shuffle, resample, pack_length, pad_to_multiple_of, state, prefetch_factor, pin_memory).
+    """
+    return StreamLoader(load_source(source), processor, **options)
