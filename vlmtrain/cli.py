@@ -402,6 +402,16 @@ def export(
     console.print(f"exported to {path} (LlavaForConditionalGeneration + AutoProcessor)")
 
 
+def _positive_ints(text: str, n: int, hint: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n or min(values) < 1:
+        raise typer.BadParameter(f"expected {n} positive integers separated by commas", param_hint=hint)
+    return values
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Everything is written under this folder."),
@@ -415,6 +425,7 @@ def demo(
         False, "--compare-captions", help="Also pre-train on short captions."
     ),
     steps: str = typer.Option("60,60,300,400", "--steps", help="Optimizer steps of stages 0,1,2,3."),
+    warmstart_steps: str = typer.Option("300,300", "--warmstart-steps", help="Warm-start steps: LM,vision."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """The whole framework on a CPU in minutes: synthetic data, shards, four stages, evaluation vs baselines."""
@@ -422,12 +433,8 @@ def demo(
 
     if mask not in ("prefix", "causal"):
         raise typer.BadParameter("expected prefix or causal", param_hint="--mask")
-    try:
-        stage_steps = tuple(int(x) for x in steps.split(","))
-    except ValueError:
-        raise typer.BadParameter("expected four integers like 40,40,150,250", param_hint="--steps") from None
-    if len(stage_steps) != 4 or min(stage_steps) < 1:
-        raise typer.BadParameter("expected four positive integers like 40,40,150,250", param_hint="--steps")
+    stage_steps = _positive_ints(steps, 4, "--steps")
+    lm_steps, vision_steps = _positive_ints(warmstart_steps, 2, "--warmstart-steps")
     cfg = DemoConfig(
         out=out,
         n_train=n_train,
@@ -437,6 +444,8 @@ def demo(
         compare_masks=compare_masks,
         compare_captions=compare_captions,
         stage_steps=stage_steps,  # type: ignore[arg-type]
+        lm_warmstart_steps=lm_steps,
+        vision_warmstart_steps=vision_steps,
     )
     run_demo(cfg, console)
 
