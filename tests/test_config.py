@@ -104,7 +104,7 @@ def test_user_recipe_with_five_stages_needs_no_code(tmp_path):
 def test_overrides_are_validated():
     with pytest.raises(ConfigError, match=r"mask\.noise_ratio: must be in"):
         load_stage_config(0, overrides=["mask.noise_ratio=2"])
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         load_stage_config(0, overrides=["mask.noise_ratio"])
 
 

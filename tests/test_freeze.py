@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_model import make_sample, pack
 from vlmtrain.config import load_stage_config
 from vlmtrain.models.freeze import apply_trainability, trainability_rows, trainability_table
-from tests.test_model import make_sample, pack
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -52,10 +52,8 @@ def brute_force(mode: str, sample_ids: torch.Tensor, image_flags: torch.Tensor) 
                 elif mode == "causal":
                     ok = k <= q
                 else:  # prefix
-                    if iq:
-                        ok = ik  # image sees all image tokens, never text
-                    else:
-                        ok = ik or k <= q  # text sees the whole image and earlier text
+                    # image sees all image tokens, never text; text sees the whole image and earlier text
+                    ok = ik if iq else (ik or k <= q)
                 out[b, q, k] = ok
     return out
 
