@@ -109,26 +109,17 @@ def build_our_model(cfg: BenchConfig):
 
 
 def to_llava(model) -> nn.Module:
-    """transformers' LLaVA holding exactly our weights (the mapping of tests/test_model.py::to_llava)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """transformers' LLaVA holding exactly our weights, through vlmtrain's own export mapping."""
+    from transformers import LlavaForConditionalGeneration
 
-    cfg = LlavaConfig(
-        vision_config=model.vision.config.to_dict(),
-        text_config=model.language.config.to_dict(),
-        image_token_id=model.image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="full",
-        vision_feature_layer=model.vision_feature_layer,
-        multimodal_projector_bias=True,
-        image_seq_length=model.num_image_tokens,
-    )
+    from vlmtrain.export import llava_config, to_llava_state_dict
+
+    cfg = llava_config(model)
     cfg.text_config._attn_implementation = "sdpa"
     cfg.vision_config._attn_implementation = "sdpa"
     llava = LlavaForConditionalGeneration(cfg)
-    llava.model.vision_tower.load_state_dict(model.vision.state_dict())
-    llava.model.multi_modal_projector.load_state_dict(model.projector.state_dict())
-    llava.model.language_model.load_state_dict(model.language.get_decoder().state_dict())
-    llava.lm_head.load_state_dict(model.language.get_output_embeddings().state_dict())
+    missing, unexpected = llava.load_state_dict(to_llava_state_dict(model), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return llava
 
 

@@ -309,6 +309,20 @@ def _load_images(paths: list[Path], size: int):
     return out
 
 
+def _generator(checkpoint: Path, device: str | None, gen):
+    """A trained model, its tokenizer and a Generator prefilling with the mask the model was trained with."""
+    import dataclasses
+
+    from vlmtrain.eval.generate import Generator
+    from vlmtrain.eval.run import load_trained
+
+    try:
+        model, tokenizer, mode = load_trained(checkpoint, _device(device))
+    except FileNotFoundError as err:
+        _fail(err)
+    return model, tokenizer, Generator(model, tokenizer, dataclasses.replace(gen, mask_mode=mode))
+
+
 @app.command()
 def caption(
     images: list[Path] = typer.Argument(..., help="Image files."),
@@ -322,15 +336,10 @@ def caption(
     """Caption image files."""
     import torch
 
-    from vlmtrain.eval.generate import Generator, build_prompt
-    from vlmtrain.eval.run import load_trained
+    from vlmtrain.eval.generate import build_prompt
 
-    try:
-        model, tokenizer, mode = load_trained(checkpoint, _device(device))
-    except FileNotFoundError as err:
-        _fail(err)
     gen = _gen_config(max_new_tokens, strategy, num_beams, 1.0, 1.0, 0)
-    generator = Generator(model, tokenizer, type(gen)(**{**gen.__dict__, "mask_mode": mode}))
+    model, tokenizer, generator = _generator(checkpoint, device, gen)
     pixels = torch.stack(_load_images(images, model.vision.config.image_size))
     prompts = [
         build_prompt(tokenizer, [{"role": "user", "content": prompt}], True, model.num_image_tokens)
@@ -350,14 +359,11 @@ def ask(
     device: str | None = DeviceOpt,
 ) -> None:
     """Ask about an image; without a question, chat turn by turn (empty line or Ctrl-D ends)."""
-    from vlmtrain.eval.generate import GenerationConfig, Generator, build_prompt
-    from vlmtrain.eval.run import load_trained
+    from vlmtrain.eval.generate import GenerationConfig, build_prompt
 
-    try:
-        model, tokenizer, mode = load_trained(checkpoint, _device(device))
-    except FileNotFoundError as err:
-        _fail(err)
-    generator = Generator(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, mask_mode=mode))
+    model, tokenizer, generator = _generator(
+        checkpoint, device, GenerationConfig(max_new_tokens=max_new_tokens)
+    )
     pixels = _load_images([image], model.vision.config.image_size)[0][None]
     messages: list[dict[str, str]] = []
 
