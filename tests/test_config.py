@@ -24,7 +24,12 @@ def test_shipped_stage_matches_paper(stage):
     lrs, mode, noise, dataset, init_from = PAPER[stage]
     assert {g: m.lr for g, m in cfg.modules.items()} == lrs
     assert {g: m.trainable for g, m in cfg.modules.items()} == {g: lr > 0 for g, lr in lrs.items()}
-    assert (cfg.mask.mode, cfg.mask.noise_ratio, cfg.data.dataset, cfg.init_from) == (mode, noise, dataset, init_from)
+    assert (cfg.mask.mode, cfg.mask.noise_ratio, cfg.data.dataset, cfg.init_from) == (
+        mode,
+        noise,
+        dataset,
+        init_from,
+    )
     assert cfg.batch.global_batch_size == 128 and cfg.train.epochs == 1
     assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.weight_decay == 0.01 and cfg.optim.min_lr == 1e-8
     assert cfg.optim.grad_clip > 0 and cfg.train.gradient_checkpointing and cfg.model.attn_backend == "sdpa"
@@ -49,16 +54,28 @@ def mutate(path: str, value) -> dict:
     [
         (mutate("optim.weight_decy", 0.1), r"optim\.weight_decy: unknown key; did you mean 'weight_decay'"),
         (mutate("trian", {}), r"trian: unknown key; did you mean 'train'"),
-        (mutate("modules.visoin", {"trainable": True, "lr": 1e-5}), r"modules\.visoin: unknown module group; did you mean 'vision'"),
+        (
+            mutate("modules.visoin", {"trainable": True, "lr": 1e-5}),
+            r"modules\.visoin: unknown module group; did you mean 'vision'",
+        ),
         (mutate("modules.vision.lr", -1e-5), r"modules\.vision\.lr: learning rate must be >= 0"),
         (mutate("modules.vision.lr", "fast"), r"modules\.vision\.lr: expected a number"),
         (mutate("modules.projector.trainable", "yes"), r"modules\.projector\.trainable: expected bool"),
         (mutate("mask.noise_ratio", 1.5), r"mask\.noise_ratio: must be in \[0, 1\]"),
         (mutate("mask.mode", "full"), r"mask\.mode: 'full' is not one of"),
-        (mutate("batch.micro_batch_size", 7), r"batch\.global_batch_size: 128 is not divisible by micro_batch_size 7"),
+        (
+            mutate("batch.micro_batch_size", 7),
+            r"batch\.global_batch_size: 128 is not divisible by micro_batch_size 7",
+        ),
         (mutate("optim.betas", [0.9]), r"optim\.betas: expected a list of 2 values"),
-        (mutate("modules.language", {"trainable": False, "lr": 1e-5}), r"modules\.language\.lr: a frozen group must have lr 0"),
-        (mutate("modules.language", {"trainable": True, "lr": 0}), r"modules\.language\.lr: a trainable group needs lr > 0"),
+        (
+            mutate("modules.language", {"trainable": False, "lr": 1e-5}),
+            r"modules\.language\.lr: a frozen group must have lr 0",
+        ),
+        (
+            mutate("modules.language", {"trainable": True, "lr": 0}),
+            r"modules\.language\.lr: a trainable group needs lr > 0",
+        ),
         (mutate("data.pack_length", 16), r"data\.pack_length: must be >= max_length"),
         (mutate("model.vision_config", {"hidden_size": 8}), r"model\.vision: give exactly one of"),
     ],

@@ -23,7 +23,9 @@ def test_exactly_trainable_groups_get_gradients(tiny_model, stage):
     for group, module in tiny_model.module_groups().items():
         for name, p in module.named_parameters():
             if id(p) in unused:
-                assert not p.requires_grad and p.grad is None, f"{group}.{name} is never used and must stay frozen"
+                assert not p.requires_grad and p.grad is None, (
+                    f"{group}.{name} is never used and must stay frozen"
+                )
             elif cfg.modules[group].trainable:
                 assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, f"{group}.{name}"
             else:
@@ -34,8 +36,16 @@ def test_table_counts_parameters(tiny_model):
     cfg = load_stage_config(0)
     apply_trainability(tiny_model, cfg.modules)
     rows = {r[0]: r for r in trainability_rows(tiny_model, cfg.modules)}
-    assert rows["projector"][1] == "TRAINABLE" and rows["vision"][1] == "Frozen" and rows["language"][1] == "Frozen"
-    assert rows["projector"][2] == rows["projector"][3] == sum(p.numel() for p in tiny_model.projector.parameters())
+    assert (
+        rows["projector"][1] == "TRAINABLE"
+        and rows["vision"][1] == "Frozen"
+        and rows["language"][1] == "Frozen"
+    )
+    assert (
+        rows["projector"][2]
+        == rows["projector"][3]
+        == sum(p.numel() for p in tiny_model.projector.parameters())
+    )
     assert rows["language"][2] == sum(p.numel() for p in tiny_model.language.parameters())
     assert trainability_table(tiny_model, cfg.modules, "stage0").row_count == 3
 

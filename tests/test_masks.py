@@ -74,7 +74,8 @@ def test_prefix_is_causal_for_text_only_rows():
     sample_ids = torch.tensor([[1, 1, 1, 2, 2, 0]])
     image_flags = torch.zeros_like(sample_ids, dtype=torch.bool)
     assert torch.equal(
-        attention_allowed("prefix", sample_ids, image_flags), attention_allowed("causal", sample_ids, image_flags)
+        attention_allowed("prefix", sample_ids, image_flags),
+        attention_allowed("causal", sample_ids, image_flags),
     )
 
 

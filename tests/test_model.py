@@ -159,7 +159,9 @@ def test_packed_row_equals_samples_one_by_one(tiny_model, mixed_batch, mode):
         for i in (0, 1, 2, 3):
             single = pack(samples, [[i]], length=len(samples[i]["ids"]))
             per_sample_single.append(tiny_model(**single, mask_mode=mode).token_loss.sum())
-    torch.testing.assert_close(torch.stack(per_sample_packed), torch.stack(per_sample_single), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack(per_sample_packed), torch.stack(per_sample_single), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_save_load_round_trip_is_bitwise(tiny_model, mixed_batch, tmp_path):
@@ -209,8 +211,14 @@ def test_components_load_from_local_checkpoints(tmp_path, tokenizer):
     from vlmtrain.config.schema import ModelConfig
 
     torch.manual_seed(0)
-    text_cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "vocab_size": 99, "max_position_embeddings": 16}
+    text_cfg = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 99,
+        "max_position_embeddings": 16,
+    }
     siglip = SiglipModel(SiglipConfig(text_config=text_cfg, vision_config=TINY_VISION))
     siglip.save_pretrained(tmp_path / "siglip")
     lm_cfg = tiny_language_config(len(tokenizer))

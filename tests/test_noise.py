@@ -28,9 +28,13 @@ def test_exact_count_only_text_and_seeded():
         assert int((corrupted[b] & (sample_ids[b] == sid)).sum()) == round(0.2 * n_text)
     assert set(noisy[corrupted].tolist()) <= set(pool.tolist())
     assert not torch.equal(noisy, input_ids)
-    again, _ = corrupt_text_tokens(input_ids, sample_ids, image_flags, 0.2, pool, torch.Generator().manual_seed(7))
+    again, _ = corrupt_text_tokens(
+        input_ids, sample_ids, image_flags, 0.2, pool, torch.Generator().manual_seed(7)
+    )
     assert torch.equal(noisy, again)
-    other, _ = corrupt_text_tokens(input_ids, sample_ids, image_flags, 0.2, pool, torch.Generator().manual_seed(8))
+    other, _ = corrupt_text_tokens(
+        input_ids, sample_ids, image_flags, 0.2, pool, torch.Generator().manual_seed(8)
+    )
     assert not torch.equal(noisy, other)
 
 

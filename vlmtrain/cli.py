@@ -426,9 +426,13 @@ def demo(
     mask: str = typer.Option(
         "prefix", "--mask", help="Mask of stages 1-3: prefix (the paper) or causal (LLaVA)."
     ),
-    compare_masks: bool = typer.Option(False, "--compare-masks", help="Train both masks and compare them."),
+    compare_masks: bool = typer.Option(
+        False, "--compare-masks", help="Also train the other mask; table + DIR/compare_masks.png."
+    ),
     compare_captions: bool = typer.Option(
-        False, "--compare-captions", help="Also pre-train on short captions."
+        False,
+        "--compare-captions",
+        help="Also pre-train stages 0-2 on short captions; table + DIR/compare_captions.png.",
     ),
     steps: str = typer.Option("60,60,300,400", "--steps", help="Optimizer steps of stages 0,1,2,3."),
     warmstart_steps: str = typer.Option("300,300", "--warmstart-steps", help="Warm-start steps: LM,vision."),

@@ -24,7 +24,7 @@ import logging
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,7 +280,7 @@ class ShardStream(IterableDataset):
     def num_slots(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         role = (worker + self.role_offset) % self.workers_per_rank
@@ -494,7 +494,7 @@ class StreamLoader:
             role_offset=self._next_role,
         )
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         # The DataLoader's default in-order delivery takes one batch from each live worker in turn, starting
         # at worker 0; the role rotation (role_offset) relies on exactly that.
         loader = DataLoader(

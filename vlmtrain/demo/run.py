@@ -18,13 +18,17 @@ from rich.table import Table
 
 from vlmtrain.config.load import read_json, shipped_stage_path, stage_config_from_dict
 from vlmtrain.config.schema import StageConfig
+from vlmtrain.demo.compare import Comparison, as_json, comparison_rows, comparison_table, plot_comparison
 
+# 48 px / patch 8 gives 6x6 = 36 image tokens, so each cell of the scene's 3x3 grid is exactly 2x2 patches
+# and a shape is always split the same way. At 64 px (64 tokens, cells of 2.67 patches) the same budget
+# learned shapes at chance level (docs/demo.md has the measurements).
 VISION = {
     "hidden_size": 96,
     "intermediate_size": 192,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
-    "image_size": 64,
+    "image_size": 48,
     "patch_size": 8,
     "num_channels": 3,
 }
@@ -47,7 +51,7 @@ def language_config(vocab_size: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and lengths of the demo; the defaults take about ten minutes on 2 CPU cores."""
+    """Sizes and lengths of the demo; the defaults take about five minutes on 2 CPU cores (docs/demo.md)."""
 
     out: Path = Path("demo_out")
     n_train: int = 2000
@@ -319,15 +323,32 @@ class Demo:
             table.add_row(r["question"], r["answer"], r["gold"])
         self.console.print(table)
 
-    def plot(self, variants: list[str]) -> Path:
-        from vlmtrain.logging import plot_loss_curves, read_metrics
+    def curves(self, variant: str) -> dict[int, list[tuple[int, float]]]:
+        from vlmtrain.logging import read_metrics
 
-        curves = {}
-        for name in variants:
-            for stage in self.cfg.stages_only:
-                recs = read_metrics(self.out / "variants" / name / "runs" / f"stage{stage}" / "metrics.jsonl")
-                curves[f"{name} stage{stage}"] = [(r["step"], r["loss"]) for r in recs if not r["skipped"]]
-        return plot_loss_curves(curves, self.out / "loss_curves.png", "Training loss per stage")
+        runs = self.out / "variants" / variant / "runs"
+        return {
+            stage: [
+                (r["step"], r["loss"])
+                for r in read_metrics(runs / f"stage{stage}" / "metrics.jsonl")
+                if not r["skipped"]
+            ]
+            for stage in self.cfg.stages_only
+        }
+
+    def plot(self, variant: str) -> Path:
+        from vlmtrain.logging import plot_loss_curves
+
+        curves = {f"stage {stage}": points for stage, points in self.curves(variant).items()}
+        return plot_loss_curves(curves, self.out / "loss_curves.png", f"Training loss per stage ({variant})")
+
+    def compare(self, comparison: Comparison, results: dict[str, dict]) -> dict[str, Any]:
+        curves = {v: self.curves(v) for v in comparison.variants}
+        rows = comparison_rows(comparison, results, curves)
+        self.console.print(comparison_table(comparison, rows))
+        plot = plot_comparison(comparison, curves, self.out / f"compare_{comparison.name}.png")
+        self.console.print(f"  plot: {plot}")
+        return as_json(comparison, rows, plot)
 
     # ---- the whole run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -342,11 +363,31 @@ class Demo:
         init = self._timed("2/5 tokenizer and warm-started tiny SigLIP / Qwen2", self.make_components, corpus)
         ctx = init_distributed()
         variants = [Variant(c.mask, c.mask, "recap")]
+        comparisons = []
         if c.compare_masks:
             other = "causal" if c.mask == "prefix" else "prefix"
             variants.append(Variant(other, other, "recap"))
+            comparisons.append(
+                Comparison(
+                    "masks",
+                    "Prefix-LM vs causal mask (the paper's finding 1)",
+                    ("prefix", "causal"),
+                    "Same components, data, order and steps in every stage; only the mask differs "
+                    "(and stage 0's noise, which needs the bidirectional mask).",
+                )
+            )
         if c.compare_captions:
-            variants.append(Variant(f"{c.mask}-short-captions", c.mask, "short"))
+            short = f"{c.mask}-short-captions"
+            variants.append(Variant(short, c.mask, "short"))
+            comparisons.append(
+                Comparison(
+                    "captions",
+                    "Recaps vs short human-style captions in stages 0-2 (the paper's finding 2)",
+                    (c.mask, short),
+                    "Stages 0-2 train on different texts for the same images (their losses compare like "
+                    "the paper's Fig. 5); stage 3 trains both on the same conversations.",
+                )
+            )
         results = {}
         for v in variants:
             root = self._timed(f"3/5 stages 0-3 ({v.name})", self.train_variant, v, init, shards, ctx)
@@ -359,7 +400,8 @@ class Demo:
         shutil.copytree(self.out / "variants" / main / "eval", self.out / "eval")
         base = self._timed("5/5 baselines", self.baselines, corpus, self.out / "eval")
         self.report(results, base, main)
-        plot = self.plot([v.name for v in variants])
+        plot = self.plot(main)
+        compared = {comp.name: self.compare(comp, results) for comp in comparisons}
         total = round(time.perf_counter() - t0, 1)
         summary = {
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()},
@@ -367,6 +409,7 @@ class Demo:
             "baselines": base,
             "timings_s": {**self.timings, "total": total},
             "loss_curves": str(plot),
+            "comparisons": compared,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         self.console.print(

@@ -366,6 +366,10 @@ class Trainer:
             self._save(engine, loader, step, counters)
             out = self._write_output(engine, frozen)
         finally:
+            # Closing the generator now shuts its DataLoader workers down here, not whenever the garbage
+            # collector gets to it: workers ignore SIGTERM (preemption), so a worker still alive at
+            # interpreter exit would block multiprocessing's exit-time join forever.
+            batches.close()
             if owns_handler:
                 preempt.uninstall()
             metrics.close()
