@@ -87,3 +87,26 @@ def test_tiny_demo_writes_both_comparisons(tmp_path):
     short = json.loads((out / "variants" / "prefix-short-captions" / "configs" / "stage2.json").read_text())
     assert short["data"]["train"].endswith("short/manifest.json")
     assert "Prefix-LM vs causal mask" in proc.stdout and "Recaps vs short" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n-train", "0"], "--n-train"),
+        (["--n-test", "0"], "--n-test"),
+        (["--steps", "1,2"], "expected 4 positive integers"),
+        (["--steps", "1,0,1,1"], "expected 4 positive integers"),
+        (["--warmstart-steps", "a,b"], "expected 2 positive integers"),
+        (["--mask", "bidirectional"], "expected prefix or causal"),
+    ],
+)
+def test_demo_rejects_bad_arguments_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from vlmtrain.cli import app
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()

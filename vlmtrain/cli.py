@@ -421,8 +421,8 @@ def _positive_ints(text: str, n: int, hint: str) -> tuple[int, ...]:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Everything is written under this folder."),
-    n_train: int = typer.Option(2000, "--n-train", help="Synthetic training images."),
-    n_test: int = typer.Option(200, "--n-test", help="Synthetic test images."),
+    n_train: int = typer.Option(2000, "--n-train", min=1, help="Synthetic training images."),
+    n_test: int = typer.Option(200, "--n-test", min=1, help="Synthetic test images."),
     mask: str = typer.Option(
         "prefix", "--mask", help="Mask of stages 1-3: prefix (the paper) or causal (LLaVA)."
     ),
