@@ -4,6 +4,7 @@ single-process run on which the loss must fall and the warmup + cosine LR schedu
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 from train_fixtures import (
     SINGLE_LANGUAGE_LR,
+    SINGLE_SAVE_EVERY,
+    SINGLE_STEPS,
     ReferenceRun,
     TrainData,
     load_weights,
@@ -202,6 +205,14 @@ def test_loss_falls_on_small_task(single):
     losses = [r["loss"] for r in records]
     last5 = sum(losses[-5:]) / 5
     assert last5 < losses[0] - LOSS_DROP_NATS, f"first {losses[0]:.3f}, mean of last 5 {last5:.3f}"
+
+
+def test_validation_runs_at_its_steps_and_loss_falls(single):
+    records = read_metrics(single.stage_dir / "validation.jsonl")
+    assert [r["step"] for r in records] == list(range(SINGLE_SAVE_EVERY, SINGLE_STEPS + 1, SINGLE_SAVE_EVERY))
+    losses = [r["val_loss"] for r in records]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0], losses
 
 
 def test_lr_warmup_then_cosine_single_process(single):

@@ -180,6 +180,8 @@ def single_process_config(data: TrainData) -> dict[str, Any]:
         )
     )
     cfg["modules"]["language"]["lr"] = SINGLE_LANGUAGE_LR
+    # Held-out loss during training (here on the training shards: the check is the wiring, not generalisation).
+    cfg["validation"] = {"data": str(data.recap), "every": SINGLE_SAVE_EVERY, "max_samples": 16}
     return cfg
 
 

@@ -171,25 +171,27 @@ class Demo:
 
         c = self.cfg
         init = self.out / "init"
-        texts, short = [], []
-        for path in (corpus.recap_train, corpus.short_train, corpus.instruct_train):
-            for rec in json.loads(path.read_text()):
-                texts.append(
-                    " ".join(t["value"].replace("<image>", "").strip() for t in rec["conversations"])
-                )
+        records = {
+            path: json.loads(path.read_text())
+            for path in (corpus.recap_train, corpus.short_train, corpus.instruct_train)
+        }
+        turns = [rec["conversations"] for recs in records.values() for rec in recs]
+        texts = [" ".join(t["value"].replace("<image>", "").strip() for t in conv) for conv in turns]
         tokenizer = build_tokenizer(texts, vocab_size=c.vocab_size)
         tokenizer.save_pretrained(str(init / "tokenizer"))
-        chats = []
-        for path in (corpus.recap_train, corpus.short_train, corpus.instruct_train):
-            for rec in json.loads(path.read_text()):
-                msgs = [
+        chats = [
+            tokenizer.apply_chat_template(
+                [
                     {
                         "role": "user" if t["from"] == "human" else "assistant",
                         "content": t["value"].replace("<image>\n", ""),
                     }
-                    for t in rec["conversations"]
-                ]
-                chats.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+                    for t in conv
+                ],
+                tokenize=False,
+            )
+            for conv in turns
+        ]
         lm = self._warm(
             "language model",
             c.lm_warmstart_steps,
@@ -203,8 +205,10 @@ class Demo:
             ),
         )
         lm.save_pretrained(str(init / "language"))
-        for rec in json.loads(corpus.short_train.read_text()):
-            short.append((corpus.images / rec["image"], rec["conversations"][1]["value"]))
+        short = [
+            (corpus.images / rec["image"], rec["conversations"][1]["value"])
+            for rec in records[corpus.short_train]
+        ]
         tower = self._warm(
             "vision tower",
             c.vision_warmstart_steps,

@@ -16,6 +16,7 @@ from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
 from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
+from vlmtrain.train.validation import Validator
 
 
 def resolve_init(stage: StageConfig, run_dir: Path) -> Path | None:
@@ -113,6 +114,20 @@ def make_loader_factory(
     return factory
 
 
+def _validator(stage: StageConfig, stage_dir: Path, ctx: DistContext, model, tokenizer) -> Validator | None:
+    """The stage's `validation` section as a Validator, or None when it names no data."""
+    if stage.validation.data is None:
+        return None
+    if stage.validation.cider and stage.train.engine == "fsdp" and ctx.world_size > 1:
+        # CIDEr generates on rank 0 alone; FSDP's sharded forward needs every rank.
+        raise ValueError(
+            f"stage {stage.name}: validation.cider needs the deepspeed engine or one process under fsdp; "
+            "set validation.cider=false or train.engine=deepspeed"
+        )
+    factory = make_loader_factory(stage, model, tokenizer, ctx, source=stage.validation.data, training=False)
+    return Validator(stage, ctx, tokenizer, lambda: factory(None), stage_dir / "validation.jsonl")
+
+
 def run_stage(
     stage: StageConfig, run_dir: Path, ctx: DistContext, resume: bool = False, fault: Fault | None = None
 ) -> StageResult:
@@ -137,6 +152,7 @@ def run_stage(
         make_loader_factory(stage, model, tokenizer, ctx),
         total,
         fault,
+        _validator(stage, stage_dir, ctx, model, tokenizer),
     )
     return trainer.fit(resume=resume)
 

@@ -32,6 +32,7 @@ from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 from vlmtrain.train import checkpoint as ckpt
 from vlmtrain.train.engines import Engine, make_engine
 from vlmtrain.train.optim import build_param_groups
+from vlmtrain.train.validation import Validator
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the SLURM scripts requeue the job on this status
 MODEL_KEYS = ("input_ids", "labels", "image_flags", "sample_ids", "position_ids", "pixel_values")
@@ -119,13 +120,13 @@ class Trainer:
         make_loader: LoaderFactory,
         total_steps: int,
         fault: Fault | None = None,
-        validator: Any | None = None,
+        validator: Validator | None = None,
     ) -> None:
         self.stage, self.stage_dir, self.ctx = stage, stage_dir, ctx
         self.model, self.tokenizer, self.make_loader = model, tokenizer, make_loader
         self.total_steps = total_steps
         self.fault = fault
-        self.validator = validator  # vlmtrain.train.validation.Validator
+        self.validator = validator
         self.console = console_for(ctx.is_main)
         self.ckpt_root = stage_dir / "checkpoints"
         # len(tokenizer), not the embedding rows: Qwen pads its embedding matrix past the last real token.
@@ -352,6 +353,12 @@ class Trainer:
                     if step % stage.train.log_every == 0 or step == self.total_steps:
                         metrics.write(record)
                     progress.update(task, completed=step, info=self._info(record))
+                    if self.validator is not None and self.validator.due(step, self.total_steps):
+                        val = self.validator.run(self.model, step)
+                        progress.console.print(
+                            f"{stage.name} step {step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step")
+                        )
                     if counters["bad_streak"] >= stage.train.max_bad_steps:
                         raise TooManyBadSteps(
                             f"{stage.name}: {counters['bad_streak']} non-finite steps in a row at step {step} "
