@@ -102,10 +102,10 @@ def plain_reference(cfg: dict[str, Any], ranks: int, steps: int) -> PlainRun:
     import dataclasses
 
     from vlmtrain.config.load import stage_config_from_dict
+    from vlmtrain.data.collate import MODEL_KEYS
     from vlmtrain.models.freeze import apply_trainability
     from vlmtrain.train.optim import build_param_groups, make_optimizer, make_scheduler
     from vlmtrain.train.run import load_model_and_tokenizer, make_loader_factory
-    from vlmtrain.train.trainer import MODEL_KEYS
 
     stage = stage_config_from_dict(cfg)
     if stage.mask.noise_ratio > 0:

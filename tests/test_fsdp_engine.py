@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from train_fixtures import free_port
 
 from vlmtrain.config.load import shipped_stage_path, stage_config_from_dict
 from vlmtrain.config.schema import StageConfig
@@ -32,9 +32,7 @@ def world_of_one() -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

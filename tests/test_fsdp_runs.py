@@ -35,9 +35,10 @@ from train_fixtures import (
     write_config,
 )
 
+from vlmtrain.config import MODULE_GROUPS
+
 pytestmark = pytest.mark.slow
 
-GROUPS = ("vision", "projector", "language")
 CHAIN_STEPS = 4
 # Loss agreement between the engines. Both compute with the same weights rounded to bf16 and the same
 # data, so step 1 of stage 0 is identical. They differ in how gradients are reduced (DeepSpeed ZeRO-2
@@ -114,10 +115,10 @@ def test_fsdp_chain_frozen_groups_bitwise_trainable_groups_updated(chains, data)
     configs = chain_configs(data, "fsdp")
     weights = stage_outputs(chains["fsdp"], configs)
     for k, cfg in enumerate(configs):
-        trainable = {g for g in GROUPS if cfg["modules"][g]["trainable"]}
+        trainable = {g for g in MODULE_GROUPS if cfg["modules"][g]["trainable"]}
         before, after = weights[k], weights[k + 1]
         assert after.keys() == before.keys()
-        for group in GROUPS:
+        for group in MODULE_GROUPS:
             names = [n for n in after if n.startswith(group + ".")]
             changed = [n for n in names if not torch.equal(after[n], before[n])]
             if group in trainable:
@@ -186,7 +187,7 @@ def assert_matches_plain(stage_dir: Path, keys: Path, plain: PlainRun, data: Tra
 
 def test_fp32_fsdp_two_ranks_equal_plain_pytorch_with_text_only_micro_batches(tmp_path, data, plain):
     start = initial_model_state(fp32_config(data, "fsdp"))
-    for group in GROUPS:
+    for group in MODULE_GROUPS:
         moved = max(
             float((plain.weights[n] - start[n]).abs().max()) for n in start if n.startswith(group + ".")
         )

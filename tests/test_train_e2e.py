@@ -27,11 +27,11 @@ from train_fixtures import (
     write_config,
 )
 
+from vlmtrain.config import MODULE_GROUPS
 from vlmtrain.config.load import shipped_stage_path
 
 pytestmark = pytest.mark.slow
 
-GROUPS = ("vision", "projector", "language")
 CHAIN_STEPS = 4
 CHAIN_SAVE_EVERY = 2
 GLOBAL_BATCH = 8
@@ -129,7 +129,7 @@ def test_frozen_groups_bitwise_unchanged_trainable_groups_changed(chain):
         assert final.keys() == inputs.keys(), (
             f"{cfg['name']}: output tensors differ from the model's parameters"
         )
-        trainable = {g for g in GROUPS if cfg["modules"][g]["trainable"]}
+        trainable = {g for g in MODULE_GROUPS if cfg["modules"][g]["trainable"]}
         changed = {g: 0 for g in trainable}
         for name, before in inputs.items():
             after = final[name]
@@ -176,7 +176,7 @@ def test_every_group_lr_follows_warmup_cosine_with_configured_peak(chain):
     for i, cfg in enumerate(configs):
         shipped = json.loads(shipped_stage_path(i).read_text())
         records = read_metrics(run / cfg["name"] / "metrics.jsonl")
-        trainable = [g for g in GROUPS if shipped["modules"][g]["trainable"]]
+        trainable = [g for g in MODULE_GROUPS if shipped["modules"][g]["trainable"]]
         expected_names = {n for g in trainable for n in (g, f"{g}.no_decay")}
         for r in records:
             assert set(r["lr"]) == expected_names, f"{cfg['name']} step {r['step']}: groups {sorted(r['lr'])}"

@@ -29,6 +29,7 @@ from conftest import TINY_VISION, tiny_language_config
 from safetensors.torch import load_file
 
 from vlmtrain.config.load import shipped_stage_path
+from vlmtrain.logging import read_metrics  # noqa: F401  (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "train.py"
@@ -402,10 +403,6 @@ def run_training(
 
 
 # ---- reading results ----------------------------------------------------------------------------
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def last_step(metrics: Path) -> int:

@@ -441,8 +441,7 @@ def demo(
     """The whole framework on a CPU in minutes: synthetic data, shards, four stages, evaluation vs baselines."""
     from vlmtrain.demo.run import DemoConfig, run_demo
 
-    if mask not in ("prefix", "causal"):
-        raise typer.BadParameter("expected prefix or causal", param_hint="--mask")
+    _mask(mask)
     stage_steps = _positive_ints(steps, 4, "--steps")
     lm_steps, vision_steps = _positive_ints(warmstart_steps, 2, "--warmstart-steps")
     cfg = DemoConfig(

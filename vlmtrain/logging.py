@@ -86,6 +86,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_curve(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) of the applied steps in a metrics.jsonl (skipped, non-finite steps left out)."""
+    return [(r["step"], r["loss"]) for r in read_metrics(path) if not r["skipped"]]
+
+
 def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path:
     """One PNG with a loss curve per label (e.g. per stage, or prefix vs causal)."""
     import matplotlib

@@ -9,6 +9,9 @@ import torch
 
 from vlmtrain.data.process import IGNORE_INDEX, ProcessedSample
 
+# The batch entries VisionLanguageModel.forward takes (the rest is accounting for the reader).
+MODEL_KEYS = ("input_ids", "labels", "image_flags", "sample_ids", "position_ids", "pixel_values")
+
 Batch = dict[str, Any]
 
 

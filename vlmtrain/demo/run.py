@@ -328,17 +328,10 @@ class Demo:
         self.console.print(table)
 
     def curves(self, variant: str) -> dict[int, list[tuple[int, float]]]:
-        from vlmtrain.logging import read_metrics
+        from vlmtrain.logging import loss_curve
 
         runs = self.out / "variants" / variant / "runs"
-        return {
-            stage: [
-                (r["step"], r["loss"])
-                for r in read_metrics(runs / f"stage{stage}" / "metrics.jsonl")
-                if not r["skipped"]
-            ]
-            for stage in self.cfg.stages_only
-        }
+        return {stage: loss_curve(runs / f"stage{stage}" / "metrics.jsonl") for stage in self.cfg.stages_only}
 
     def plot(self, variant: str) -> Path:
         from vlmtrain.logging import plot_loss_curves

@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 
 from vlmtrain.config.load import stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
+from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
-from vlmtrain.logging import MetricsWriter, console_for, plot_loss_curves, read_metrics
+from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_curves
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 from vlmtrain.train import checkpoint as ckpt
@@ -35,7 +36,6 @@ from vlmtrain.train.optim import build_param_groups
 from vlmtrain.train.validation import Validator
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the SLURM scripts requeue the job on this status
-MODEL_KEYS = ("input_ids", "labels", "image_flags", "sample_ids", "position_ids", "pixel_values")
 FINAL = "final"
 DONE_MARKER = "STAGE_COMPLETE"
 
@@ -381,8 +381,11 @@ class Trainer:
                 preempt.uninstall()
             metrics.close()
         if self.ctx.is_main:
-            points = [(r["step"], r["loss"]) for r in read_metrics(metrics.path) if not r["skipped"]]
-            plot_loss_curves({stage.name: points}, self.stage_dir / "loss.png", f"{stage.name} training loss")
+            plot_loss_curves(
+                {stage.name: loss_curve(metrics.path)},
+                self.stage_dir / "loss.png",
+                f"{stage.name} training loss",
+            )
         return StageResult(out, step, counters["skipped_nonfinite"], metrics.path, latest)
 
     def _progress(self) -> Progress:

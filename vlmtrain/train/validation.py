@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vlmtrain.config.schema import StageConfig
+from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.dist import DistContext, barrier, sum_over_ranks
 from vlmtrain.models.vlm import VisionLanguageModel
 
@@ -42,10 +43,7 @@ class Validator:
         for batch in self.make_loader():
             if seen >= budget:
                 break
-            inputs = {
-                k: batch[k].to(self.ctx.device)
-                for k in ("input_ids", "labels", "image_flags", "sample_ids", "position_ids", "pixel_values")
-            }
+            inputs = {k: batch[k].to(self.ctx.device) for k in MODEL_KEYS}
             out = model(**inputs, mask_mode=self.mask_mode)
             loss_sum += float(out.token_loss.sum())
             tokens += out.num_label_tokens
@@ -58,9 +56,10 @@ class Validator:
         from pycocoevalcap.cider.cider import Cider
 
         from vlmtrain.data.process import ImageTransform
+        from vlmtrain.data.shard import DEFAULT_CAPTION_PROMPT
         from vlmtrain.eval.caption_metrics import ptb_tokenize
-        from vlmtrain.eval.generate import GenerationConfig, Generator, build_prompt
-        from vlmtrain.eval.run import iter_eval_samples
+        from vlmtrain.eval.generate import GenerationConfig, Generator
+        from vlmtrain.eval.run import answer_batch, iter_eval_samples
 
         mode = "causal" if self.mask_mode == "causal" else "prefix"
         gen = Generator(
@@ -72,13 +71,8 @@ class Validator:
         for s in iter_eval_samples(self.cfg.data, transform, self.cfg.max_samples):
             if not s.meta.get("references") or s.image is None:
                 continue
-            question = (s.meta.get("conversations") or [{"value": "Write a short caption for the image."}])[
-                0
-            ]["value"]
-            prompt = build_prompt(
-                self.tokenizer, [{"role": "user", "content": question}], True, model.num_image_tokens
-            )
-            preds[s.key] = [gen.decode(gen.generate([prompt], s.image[None])[0])]
+            question = (s.meta.get("conversations") or [{"value": DEFAULT_CAPTION_PROMPT}])[0]["value"]
+            preds[s.key] = answer_batch(gen, [s], [question], model.num_image_tokens)
             refs[s.key] = list(s.meta["references"])
         if not preds:
             raise ValueError(

@@ -40,6 +40,8 @@ class Engine(ABC):
         VisionLanguageModel  # the model as the engine runs it (DeepSpeed: bf16 copies; FSDP: sharded fp32)
     )
     accumulation_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput: ...
@@ -65,6 +67,19 @@ class Engine(ABC):
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _adam_step_count(self) -> int:
+        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return max(steps, default=0)
+
+    def _restore_schedule(self, scheduler_steps: int) -> None:
+        """Put the LR schedule (and every group's current LR) where it was after `scheduler_steps` steps."""
+        sched = self.scheduler
+        sched.last_epoch = scheduler_steps
+        for group, base, fn in zip(
+            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * fn(scheduler_steps)
 
     def check_state_covers(self, state: EngineState, is_main: bool) -> None:
         """Collective: fail on every rank (not only rank 0, which alone holds tensors) if parameters are missing."""

@@ -136,10 +136,6 @@ class DeepSpeedEngine(Engine):
         return {g["name"]: float(g["lr"]) for g in self.ds_optimizer.param_groups}
 
     # ---- state --------------------------------------------------------------------------------------
-    def _adam_step_count(self) -> int:
-        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        return max(steps, default=0)
-
     def gather_state(self) -> EngineState:
         state = EngineState(
             optimizer_steps=self._adam_step_count(), scheduler_steps=int(self.scheduler.last_epoch)
@@ -184,9 +180,4 @@ class DeepSpeedEngine(Engine):
         for st in self.optimizer.state.values():
             if "step" in st:
                 st["step"].fill_(float(state.optimizer_steps))
-        self.scheduler.last_epoch = state.scheduler_steps
-        sched = self.scheduler
-        for group, base, fn in zip(
-            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * fn(state.scheduler_steps)
+        self._restore_schedule(state.scheduler_steps)

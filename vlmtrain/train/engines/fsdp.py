@@ -198,10 +198,6 @@ class FSDPEngine(Engine):
         return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
 
     # ---- state --------------------------------------------------------------------------------------
-    def _adam_step_count(self) -> int:
-        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        return max(steps, default=0)
-
     def gather_state(self) -> EngineState:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only
         state = EngineState(
@@ -264,14 +260,6 @@ class FSDPEngine(Engine):
             for g, spec in zip(self.optimizer.param_groups, self.specs, strict=True)
         ]
         return {"state": per_param, "param_groups": groups}
-
-    def _restore_schedule(self, scheduler_steps: int) -> None:
-        sched = self.scheduler
-        sched.last_epoch = scheduler_steps
-        for group, base, fn in zip(
-            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * fn(scheduler_steps)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
