@@ -158,6 +158,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from vlmtrain.data.tokenizer import build_tokenizer
     from vlmtrain.dist import init_distributed
     from vlmtrain.models.freeze import apply_trainability
+    from vlmtrain.models.loss import count_supervised
     from vlmtrain.models.vlm import VisionLanguageModel
     from vlmtrain.train.engines import make_engine
     from vlmtrain.train.optim import build_param_groups
@@ -188,12 +189,14 @@ def run_worker(args: argparse.Namespace) -> None:
         args.engine, model=model, stage=stage, specs=specs, total_steps=args.warmup + args.steps, ctx=ctx
     )
     times, losses = [], []
+    # The trainer all-reduces the step's supervised-token count; here every rank's batches have the same shape.
+    step_tokens = ctx.world_size * sum(count_supervised(b["labels"], b["sample_ids"]) for b in batches)
     for step in range(args.warmup + args.steps):
         sync(ctx.device)
         start = time.perf_counter()
         for batch in batches:
             out = engine.forward(batch, stage.mask.mode)
-            engine.backward(out.loss)
+            engine.backward(out.loss_sum, step_tokens)
             result = engine.step()
         sync(ctx.device)
         elapsed = time.perf_counter() - start

@@ -96,7 +96,7 @@ def plain_reference(cfg: dict[str, Any], ranks: int, steps: int) -> PlainRun:
     """Replay `steps` optimizer steps of a `ranks`-rank run of `cfg` in this process, without any engine.
 
     Each rank's micro-batches come from its own loader, exactly as the rank would read them; the gradient
-    of a step is that of the mean loss over all ranks' micro-batches, then clipping, AdamW and the schedule
+    of a step is that of the token-mean loss over all ranks' micro-batches, then clipping, AdamW and the schedule
     (vlmtrain.train.optim) apply. No noise: stages whose config adds input noise are not supported here.
     """
     import dataclasses
@@ -104,6 +104,7 @@ def plain_reference(cfg: dict[str, Any], ranks: int, steps: int) -> PlainRun:
     from vlmtrain.config.load import stage_config_from_dict
     from vlmtrain.data.collate import MODEL_KEYS
     from vlmtrain.models.freeze import apply_trainability
+    from vlmtrain.models.loss import count_supervised
     from vlmtrain.train.optim import build_param_groups, make_optimizer, make_scheduler
     from vlmtrain.train.run import load_model_and_tokenizer, make_loader_factory
 
@@ -127,15 +128,20 @@ def plain_reference(cfg: dict[str, Any], ranks: int, steps: int) -> PlainRun:
     ]
     run = PlainRun([], [], {}, {r: [] for r in range(ranks)})
     for _ in range(steps):
-        losses = []
+        # The whole global batch's token mean: every supervised token of the step weighs the same.
+        step_batches = []
         for r, loader in enumerate(loaders):
             for _ in range(accum):
                 batch = next(loader)
                 run.keys[r] += batch["keys"]
-                out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, mask_mode=stage.mask.mode)
-                (out.loss / (accum * ranks)).backward()
-                losses.append(float(out.loss.detach()))
-        run.losses.append(sum(losses) / len(losses))
+                step_batches.append(batch)
+        n_tokens = sum(count_supervised(b["labels"], b["sample_ids"]) for b in step_batches)
+        loss_sum = 0.0
+        for batch in step_batches:
+            out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, mask_mode=stage.mask.mode)
+            (out.loss_sum / n_tokens).backward()
+            loss_sum += float(out.loss_sum.detach())
+        run.losses.append(loss_sum / n_tokens)
         run.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, stage.optim.grad_clip)))
         optimizer.step()
         scheduler.step()

@@ -18,6 +18,7 @@ from vlmtrain.config.load import shipped_stage_path, stage_config_from_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext
 from vlmtrain.models.freeze import apply_trainability
+from vlmtrain.models.loss import count_supervised
 from vlmtrain.models.vlm import IGNORE_INDEX, VisionLanguageModel
 from vlmtrain.train.engines.base import with_blank_image
 from vlmtrain.train.engines.fsdp import FSDPEngine
@@ -100,10 +101,16 @@ def batches(model: VisionLanguageModel, n: int, seed: int = 1) -> list[dict[str,
     return [sample_batch(model, gen) for _ in range(n)]
 
 
+def window_tokens(micro: list[dict[str, torch.Tensor]], accum: int) -> list[int]:
+    """Per micro-batch, the supervised tokens of its accumulation window (the token-weighted loss's divisor)."""
+    counts = [count_supervised(b["labels"], b["sample_ids"]) for b in micro]
+    return [sum(counts[i - i % accum : i - i % accum + accum]) for i in range(len(micro))]
+
+
 def run_engine(engine: FSDPEngine, micro: list[dict[str, torch.Tensor]], mode: str) -> list[Any]:
     results = []
-    for batch in micro:
-        engine.backward(engine.forward(batch, mode).loss)
+    for batch, n in zip(micro, window_tokens(micro, engine.accumulation_steps), strict=True):
+        engine.backward(engine.forward(batch, mode).loss_sum, n)
         results.append(engine.step())
     return results
 
@@ -111,15 +118,15 @@ def run_engine(engine: FSDPEngine, micro: list[dict[str, torch.Tensor]], mode: s
 def reference_steps(
     model: VisionLanguageModel, stage: StageConfig, micro: list[dict[str, torch.Tensor]], total_steps: int
 ) -> list[float]:
-    """What the engine should do, written out with plain PyTorch: mean gradient, clip, AdamW, schedule."""
+    """What the engine should do, written out with plain PyTorch: token-mean gradient, clip, AdamW, schedule."""
     specs = build_param_groups(model, model.module_groups(), stage)
     optimizer = make_optimizer(specs, stage.optim)
     scheduler = make_scheduler(optimizer, specs, total_steps, stage.optim)
     params = [p for s in specs for p in s.params]
     accum = stage.batch.accumulation_steps(1)
     norms = []
-    for i, batch in enumerate(micro):
-        (model(**batch, mask_mode=stage.mask.mode).loss / accum).backward()
+    for i, (batch, n) in enumerate(zip(micro, window_tokens(micro, accum), strict=True)):
+        (model(**batch, mask_mode=stage.mask.mode).loss_sum / n).backward()
         if (i + 1) % accum == 0:
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, stage.optim.grad_clip)))
             optimizer.step()
@@ -182,8 +189,8 @@ def test_nonfinite_window_is_skipped_on_optimizer_and_schedule(tokenizer, tiny_m
     micro = batches(model, 4)
     before = engine.gather_state()
     lrs = engine.group_lrs()
-    first = engine.forward(micro[0], stage.mask.mode).loss
-    engine.backward(first * float("nan"))  # one bad micro-batch poisons the window
+    first = engine.forward(micro[0], stage.mask.mode).loss_sum
+    engine.backward(first * float("nan"), 10)  # one bad micro-batch poisons the window
     assert not engine.step().boundary
     run = run_engine(engine, micro[1:2], stage.mask.mode)[0]
     assert run.boundary and run.skipped and run.grad_norm is None

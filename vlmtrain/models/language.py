@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from vlmtrain.precision import LOAD_DTYPE
+
 ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
 
 
@@ -28,8 +30,11 @@ def load_language_model(
 ) -> PreTrainedModel:
     """A causal LM from a hub id / local dir or a config dict, with the attention kernel of `backend`."""
     impl = attn_implementation(backend)
+    # fp32 whatever the checkpoint's dtype (Qwen2.5 ships bf16): the precision policy's load dtype.
     if config is not None:
-        return AutoModelForCausalLM.from_config(language_config_from_dict(config), attn_implementation=impl)
+        return AutoModelForCausalLM.from_config(
+            language_config_from_dict(config), attn_implementation=impl, dtype=LOAD_DTYPE
+        )
     if name_or_path is None:
         raise ValueError("give a language model checkpoint (hub id or directory) or a language_config")
-    return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=impl)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=impl, dtype=LOAD_DTYPE)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from vlmtrain.precision import LOAD_DTYPE
+
 
 def load_vision_tower(name_or_path: str | None, config: dict[str, Any] | None = None) -> SiglipVisionModel:
     """A SigLIP vision tower from a hub id / local dir (a full SigLIP checkpoint works) or a config dict.
@@ -16,10 +18,13 @@ def load_vision_tower(name_or_path: str | None, config: dict[str, Any] | None = 
     if config is not None:
         cfg = SiglipVisionConfig(**{**config, "vision_use_head": False})
         cfg._attn_implementation = "sdpa"
-        return SiglipVisionModel(cfg)
+        return SiglipVisionModel(cfg).to(LOAD_DTYPE)
     if name_or_path is None:
         raise ValueError("give a SigLIP checkpoint (hub id or directory) or a vision_config")
-    return SiglipVisionModel.from_pretrained(name_or_path, vision_use_head=False, attn_implementation="sdpa")
+    # fp32 whatever the checkpoint's dtype: the precision policy's load dtype.
+    return SiglipVisionModel.from_pretrained(
+        name_or_path, vision_use_head=False, attn_implementation="sdpa", dtype=LOAD_DTYPE
+    )
 
 
 def num_patches(config: SiglipVisionConfig) -> int:

@@ -21,22 +21,30 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, SiglipVisionC
 
 from vlmtrain import __version__
 from vlmtrain.config.schema import ModelConfig
+from vlmtrain.data.process import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the label convention
 from vlmtrain.data.tokenizer import image_token_id
 from vlmtrain.models.language import language_config_from_dict, load_language_model
+from vlmtrain.models.loss import supervised_mask, token_losses
 from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.projector import Projector
 from vlmtrain.models.vision import load_vision_tower, num_patches, select_features
+from vlmtrain.precision import LOAD_DTYPE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "vlm_config.json"
-IGNORE_INDEX = -100
 
 
 @dataclass
 class VLMOutput:
-    """Loss over the supervised tokens; `token_loss` is aligned with the label positions (zero elsewhere)."""
+    """Loss over the supervised tokens; `token_loss` is aligned with the label positions (zero elsewhere).
+
+    Training backpropagates `loss_sum` weighted by the whole optimizer step's token count (Engine.backward), so
+    every supervised token of a step weighs the same whichever micro-batch or rank it lands in; `loss` (the
+    micro-batch's token mean) is for evaluation and reports.
+    """
 
     loss: torch.Tensor
+    loss_sum: torch.Tensor  # sum of the per-token losses (fp32)
     token_loss: torch.Tensor  # [B, T] float32, loss of predicting labels[:, t] (0 where unsupervised)
     num_label_tokens: int
     logits: torch.Tensor | None = None  # [B, T, V] only when asked for
@@ -146,19 +154,18 @@ class VisionLanguageModel(nn.Module):
         logits = head(hidden) if return_logits else None
         if labels is None:
             zero = hidden.new_zeros((), dtype=torch.float32)
-            return VLMOutput(zero, torch.zeros_like(input_ids, dtype=torch.float32), 0, logits)
+            return VLMOutput(zero, zero, torch.zeros_like(input_ids, dtype=torch.float32), 0, logits)
 
-        # Position t predicts token t+1 of the same sample; never across a packed-row boundary.
-        target = labels[:, 1:]
-        valid = (target != IGNORE_INDEX) & (sample_ids[:, 1:] == sample_ids[:, :-1]) & (sample_ids[:, 1:] > 0)
-        # Only supervised positions go through the LM head: vocab x tokens is the largest tensor of a step.
-        picked = logits[:, :-1][valid] if logits is not None else head(hidden[:, :-1][valid])
-        losses = F.cross_entropy(picked.float(), target[valid], reduction="none")
+        if logits is not None:
+            valid = supervised_mask(labels, sample_ids)
+            losses = F.cross_entropy(logits[:, :-1][valid].float(), labels[:, 1:][valid], reduction="none")
+        else:
+            losses, valid = token_losses(hidden, head, labels, sample_ids)
         token_loss = torch.zeros_like(labels, dtype=torch.float32)
         token_loss[:, 1:][valid] = losses
         n = int(valid.sum())
-        loss = losses.sum() / max(n, 1)
-        return VLMOutput(loss, token_loss, n, logits)
+        loss_sum = losses.sum()
+        return VLMOutput(loss_sum / max(n, 1), loss_sum, token_loss, n, logits)
 
     # ---- persistence --------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -201,7 +208,7 @@ class VisionLanguageModel(nn.Module):
         backend = attn_backend or cfg.get("attn_backend", "sdpa")
         vision_cfg = SiglipVisionConfig.from_dict(cfg["vision_config"])
         vision_cfg._attn_implementation = "sdpa"
-        vision = SiglipVisionModel(vision_cfg)
+        vision = SiglipVisionModel(vision_cfg).to(LOAD_DTYPE)
         language = load_language_model(None, _strip_config(cfg["language_config"]), backend)
         p = cfg["projector"]
         model = cls(

@@ -28,6 +28,7 @@ from vlmtrain.config.schema import StageConfig
 from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
 from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_curves
+from vlmtrain.models.loss import count_supervised
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 from vlmtrain.train import checkpoint as ckpt
@@ -38,6 +39,7 @@ from vlmtrain.train.validation import Validator
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the SLURM scripts requeue the job on this status
 FINAL = "final"
 DONE_MARKER = "STAGE_COMPLETE"
+PRECISION_NAME = "precision.json"  # the stage's precision policy, in its output folder
 
 
 class Preempted(SystemExit):
@@ -185,34 +187,39 @@ class Trainer:
         batch["input_ids"] = noisy.to(self.ctx.device)  # labels keep the clean tokens
 
     def train_step(self, engine: Engine, batches: Iterator[dict[str, Any]], step: int) -> dict[str, Any]:
-        """One optimizer step: `accumulation_steps` micro-batches, then the engine's (possibly skipped) update."""
-        losses, tokens, samples, label_tokens = [], 0, 0, 0
+        """One optimizer step: `accumulation_steps` micro-batches, then the engine's (possibly skipped) update.
+
+        The step's micro-batches are taken from the loader first (they are CPU tensors: 16 micro-batches of 8
+        at 224 px hold 77 MB of pixels), so the step's supervised-token count is known, summed over ranks in
+        one all-reduce, before the first forward: every micro-batch's loss sum is then weighted by it and the
+        optimizer sees the token mean of the whole step. The logged loss is that same token mean.
+        """
+        raws = [next(batches) for _ in range(engine.accumulation_steps)]
+        local = [
+            sum(count_supervised(r["labels"], r["sample_ids"]) for r in raws),
+            sum(int(r["num_tokens"]) for r in raws),
+            sum(int(r["num_samples"]) for r in raws),
+        ]
+        label_tokens, tokens, samples = (int(v) for v in sum_over_ranks([float(v) for v in local]))
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         result = None
-        for micro in range(engine.accumulation_steps):
-            raw = next(batches)
+        for micro, raw in enumerate(raws):
             batch = self._to_device(raw)
             self._add_noise(batch, step, micro)
             out = engine.forward(batch, self.stage.mask.mode)
-            loss = out.loss if self.fault is None else self.fault(step, micro, out.loss)
-            engine.backward(loss)
+            loss = out.loss_sum if self.fault is None else self.fault(step, micro, out.loss_sum)
+            engine.backward(loss, label_tokens)
             result = engine.step()
-            losses.append(float(loss.detach()))
-            tokens += int(raw["num_tokens"])
-            samples += int(raw["num_samples"])
-            label_tokens += out.num_label_tokens
+            loss_sum += loss.detach()
         assert result is not None and result.boundary, (
             "micro-batch count and the engine's accumulation disagree"
         )
-        local_loss = sum(losses) / len(losses)
-        finite = all(map(lambda v: v == v and abs(v) != float("inf"), losses))
-        totals = sum_over_ranks(
-            [local_loss if finite else 0.0, 1.0 if finite else 0.0, tokens, samples, label_tokens]
-        )
+        (total,) = sum_over_ranks([float(loss_sum)])  # the step's one device->host sync (for the log)
         return {
-            "loss": totals[0] / totals[1] if totals[1] else float("nan"),
-            "tokens": int(totals[2]),
-            "samples": int(totals[3]),
-            "label_tokens": int(totals[4]),
+            "loss": total / label_tokens if label_tokens else float("nan"),
+            "tokens": tokens,
+            "samples": samples,
+            "label_tokens": label_tokens,
             "skipped": result.skipped,
             "grad_norm": result.grad_norm,
         }
@@ -256,6 +263,7 @@ class Trainer:
             cfg = self.model.config_dict()
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
             (tmp / "stage_config.json").write_text(json.dumps(stage_config_to_dict(self.stage), indent=2))
+            (tmp / PRECISION_NAME).write_text(json.dumps(engine.precision.as_dict(), indent=2))
             self.tokenizer.save_pretrained(str(tmp))
             (tmp / DONE_MARKER).write_text("ok\n")
             if out.exists():
@@ -290,6 +298,7 @@ class Trainer:
         self._enable_checkpointing()
         self.model.train()
         engine = self._build_engine()
+        self.console.print(f"{stage.name}: {engine.precision.describe()}")
         counters = {"skipped_nonfinite": 0, "bad_streak": 0}
         start, reader_state = 0, None
         if latest is not None:

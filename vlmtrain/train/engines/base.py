@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmtrain.dist import DistContext
 from vlmtrain.models.vlm import IGNORE_INDEX, VisionLanguageModel, VLMOutput
+from vlmtrain.precision import PrecisionPolicy
 
 
 @dataclass
@@ -42,12 +44,34 @@ class Engine(ABC):
     accumulation_steps: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    precision: PrecisionPolicy
+    ctx: DistContext
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput: ...
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
+        """Backward of one micro-batch's summed token loss, weighted by the whole step's token count.
+
+        `step_tokens` is the number of supervised tokens of the optimizer step over every micro-batch and rank,
+        so the gradient the optimizer applies is (sum of every token's loss gradient) / step_tokens, whatever
+        the micro-batch layout, padding or packing, accumulation count or world size.
+        """
+
+    def loss_weight(self, step_tokens: int) -> float:
+        """What a micro-batch's loss sum is multiplied by before backward.
+
+        Both engines average gradients over ranks (ZeRO's reduce, FSDP's reduce-scatter), which the world-size
+        factor undoes; accumulation sums micro-batches (DeepSpeed is told not to divide by it). A step without
+        any supervised token (possible only with tiny batches) gets zero gradients rather than a division by 0.
+        """
+        return self.ctx.world_size / max(step_tokens, 1)
+
+    @abstractmethod
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Collective, after the last micro-batch's backward and before `step`: the accumulated gradient of every
+        trainable parameter as a full fp32 tensor (rank 0 holds them; other ranks get an empty dict)."""
 
     @abstractmethod
     def step(self) -> StepResult:

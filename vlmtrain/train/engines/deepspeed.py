@@ -12,6 +12,7 @@ import deepspeed
 import torch
 from deepspeed.utils import (
     safe_get_full_fp32_param,
+    safe_get_full_grad,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
@@ -20,6 +21,7 @@ from deepspeed.utils import (
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext
 from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
+from vlmtrain.precision import PrecisionPolicy, check_deepspeed_config, deepspeed_precision_config
 from vlmtrain.train.engines.base import (
     Engine,
     EngineState,
@@ -60,9 +62,11 @@ def ds_config_path(name_or_path: str) -> Path:
 
 
 def resolve_ds_config(stage: StageConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config file with the stage's batch, clipping and precision written in."""
+    """The DeepSpeed config file with the stage's batch, clipping and precision policy written in."""
     path = ds_config_path(stage.train.ds_config)
     cfg = json.loads(path.read_text())
+    policy = PrecisionPolicy.for_precision(stage.train.precision)
+    check_deepspeed_config(cfg, policy, str(path))
     accum = stage.batch.accumulation_steps(world_size)
     cfg.update(
         train_batch_size=stage.batch.global_batch_size,
@@ -72,9 +76,10 @@ def resolve_ds_config(stage: StageConfig, world_size: int) -> dict[str, Any]:
         zero_allow_untested_optimizer=True,
         steps_per_print=cfg.get("steps_per_print", 1 << 30),
     )
-    bf16 = stage.train.precision == "bf16"
-    # Without check_grad_overflow a bf16 step with a NaN/Inf gradient would be applied.
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True}
+    precision = deepspeed_precision_config(policy)
+    cfg["bf16"] = {**cfg.get("bf16", {}), **precision.pop("bf16")}
+    cfg["data_types"] = {**cfg.get("data_types", {}), **precision.pop("data_types")}
+    cfg.update(precision)  # communication_data_type
     cfg.pop("fp16", None)
     cfg.pop("optimizer", None)  # the optimizer is ours: per-group LRs and no decay on norms/biases
     cfg.pop("scheduler", None)
@@ -92,6 +97,7 @@ class DeepSpeedEngine(Engine):
     ) -> None:
         self.ctx = ctx
         self.specs = specs
+        self.precision = PrecisionPolicy.for_precision(stage.train.precision)
         self.config = resolve_ds_config(stage, ctx.world_size)
         self.accumulation_steps = self.config["gradient_accumulation_steps"]
         # DeepSpeed casts the model to bf16 before it builds its fp32 masters from it; keep the incoming fp32
@@ -118,8 +124,17 @@ class DeepSpeedEngine(Engine):
             batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
         return self.engine(**batch, mask_mode=mask_mode)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
+        # scale_wrt_gas=False: the token weighting already spans the accumulation window.
+        self.engine.backward(loss_sum * self.loss_weight(step_tokens), scale_wrt_gas=False)
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.trainable_named_parameters():
+            grad = safe_get_full_grad(p)  # the accumulation buffer (fp32 under the policy)
+            if self.ctx.is_main and grad is not None:
+                out[name] = grad.detach().float().cpu().clone()
+        return out
 
     def step(self) -> StepResult:
         boundary = self.engine.is_gradient_accumulation_boundary()

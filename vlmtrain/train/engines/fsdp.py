@@ -7,8 +7,8 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
   holds them, and no optimizer ever sees them.
 - Sharded parameters stay fp32 (the master weights); `MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32)` all-gathers them as bf16 for compute and reduces gradients in fp32.
-- Loss is scaled by 1/accumulation in `backward` (DeepSpeed's `engine.backward` does the same) and FSDP
-  averages over ranks, so both engines apply the mean gradient over every micro-batch of the global batch.
+- `backward` weights each micro-batch's summed token loss by world_size / (the step's supervised tokens), and
+  FSDP averages over ranks, so both engines apply the token-mean gradient of the whole global batch.
   Gradients are reduced only on the last micro-batch of a window (`set_requires_gradient_sync`).
 - The global gradient norm is reduced over ranks, so a non-finite gradient on any rank is seen by all:
   the step is skipped (optimizer and LR schedule), gradients are zeroed, `skipped=True`.
@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext, broadcast_object
 from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
+from vlmtrain.precision import PrecisionPolicy
 from vlmtrain.train.engines.base import (
     Engine,
     EngineState,
@@ -47,8 +48,6 @@ from vlmtrain.train.engines.base import (
     with_blank_image,
 )
 from vlmtrain.train.optim import GroupSpec, make_optimizer, make_scheduler
-
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,17 @@ def transformer_blocks(model: VisionLanguageModel, group: str) -> list[nn.Module
     return []
 
 
-def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    if precision == "fp32":
+def mixed_precision(policy: PrecisionPolicy) -> MixedPrecisionPolicy:
+    """FSDP2's form of the policy: sharded params are the masters; all-gather in compute, reduce in fp32.
+
+    FSDP2 also accumulates unsharded gradients between reductions (set_requires_gradient_sync(False)) in
+    `reduce_dtype`, which makes the reduce dtype the gradient-accumulation dtype as well.
+    """
+    if policy.master != torch.float32 or policy.grad_accum != policy.reduce:
+        raise ValueError(f"FSDP2 cannot hold this precision policy: {policy.as_dict()}")
+    if policy.compute == policy.master:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=COMPUTE_DTYPES[precision], reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=policy.compute, reduce_dtype=policy.reduce)
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
@@ -90,7 +96,7 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def apply_fsdp(
-    model: VisionLanguageModel, plan: ShardPlan, mesh: DeviceMesh, precision: str
+    model: VisionLanguageModel, plan: ShardPlan, mesh: DeviceMesh, policy: PrecisionPolicy
 ) -> VisionLanguageModel:
     """Shard `model` in place, bottom-up: the blocks of the trainable towers, then the root.
 
@@ -100,11 +106,11 @@ def apply_fsdp(
     which outputs a model can record (the hidden states the projector reads) by its class. Its patch and
     position embeddings are small and join the root unit.
     """
-    mp = mixed_precision(precision)
+    mp = mixed_precision(policy)
     ignored: set[nn.Parameter] = set()
     groups = model.module_groups()
     for group in plan.replicated:
-        cast_parameters(groups[group], COMPUTE_DTYPES[precision])
+        cast_parameters(groups[group], policy.frozen)
         ignored.update(groups[group].parameters())
     for group in plan.sharded:
         for block in transformer_blocks(model, group):
@@ -133,7 +139,8 @@ class FSDPEngine(Engine):
         self.plan = plan_sharding(model, stage)
         _check_specs(model, specs)
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        self.module = apply_fsdp(model, self.plan, self.mesh, stage.train.precision)
+        self.precision = PrecisionPolicy.for_precision(stage.train.precision)
+        self.module = apply_fsdp(model, self.plan, self.mesh, self.precision)
         self._check_trainable_sharded()
         self.specs = rebind_specs(specs, dict(self.module.named_parameters()))
         self.optimizer = make_optimizer(self.specs, stage.optim)
@@ -161,10 +168,23 @@ class FSDPEngine(Engine):
             )
         return self.module(**batch, mask_mode=mask_mode)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
         last = self._micro + 1 == self.accumulation_steps
-        self.fsdp_root.set_requires_gradient_sync(last)  # reduce once per window, on its last micro-batch
-        (loss / self.accumulation_steps).backward()
+        # Reduce once per window, on its last micro-batch; until then FSDP2 sums the unsharded gradients in
+        # the reduce dtype (fp32), not in bf16.
+        self.fsdp_root.set_requires_gradient_sync(last)
+        (loss_sum * self.loss_weight(step_tokens)).backward()
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.trainable_named_parameters():
+            grad = p.grad
+            if grad is None:
+                continue
+            full = grad.full_tensor() if isinstance(grad, DTensor) else grad  # collective for DTensors
+            if self.ctx.is_main:
+                out[name] = full.detach().float().cpu().clone()
+        return out
 
     def step(self) -> StepResult:
         self._micro += 1
