@@ -10,7 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from vlmtrain.config.schema import MODULE_GROUPS, ModuleGroupConfig, StageConfig, ValidationError
+from vlmtrain.config.schema import (
+    MODULE_GROUPS,
+    ModuleGroupConfig,
+    StageConfig,
+    ValidationError,
+    record_given_keys,
+)
 
 
 class ConfigError(ValueError):
@@ -104,7 +110,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
             kwargs[name] = _convert(data[name], hints[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing")
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    # What the user wrote, apart from the defaults: a stage with init_from checks only these model keys.
+    record_given_keys(section, frozenset(data))
+    return section
 
 
 def stage_config_from_dict(data: dict[str, Any], source: str = "<dict>") -> StageConfig:

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 MODULE_GROUPS = ("vision", "projector", "language")
+INIT_OVERRIDES = ("attn_backend",)
+"""`model` keys that apply on top of an `init_from` checkpoint (a kernel choice, not part of the weights);
+every other `model` key a stage with `init_from` gives must agree with the checkpoint (vlmtrain.train.init_check)."""
 MaskMode = Literal["bidirectional", "prefix", "causal"]
 AttnBackend = Literal["sdpa", "flex", "eager"]
 NoiseStrategy = Literal["random_token"]
@@ -22,6 +25,24 @@ class ValidationError(ValueError):
 def _require(condition: bool, path: str, message: str) -> None:
     if not condition:
         raise ValidationError(path, message)
+
+
+_GIVEN_KEYS = "_given_keys"
+
+
+def given_keys(section: object) -> frozenset[str]:
+    """The keys of a config section that its JSON file or a `--set` override wrote, as the loader recorded them.
+
+    Empty for a section built in code. Kept off the dataclass fields, so it is neither a config key nor part
+    of the resolved config; `dataclasses.replace` of an enclosing section keeps it (the section object is
+    shared), a replace of the section itself does not.
+    """
+    return getattr(section, _GIVEN_KEYS, frozenset())
+
+
+def record_given_keys(section: object, keys: frozenset[str]) -> None:
+    """Called by the loader on each section it builds (frozen dataclasses: set past `__setattr__`)."""
+    object.__setattr__(section, _GIVEN_KEYS, keys)
 
 
 @dataclass(frozen=True)
@@ -249,7 +270,7 @@ class StageConfig:
     init_from: str | None = None
     """Previous stage's name (its output under the run directory) or a path to a saved model; None: `model`."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Components to build when `init_from` is None."""
+    """Components to build when `init_from` is None. With `init_from`, the model comes from the checkpoint: keys given here must agree with it, except `attn_backend`, which applies on top."""
     mask: MaskConfig = field(default_factory=MaskConfig)
     """Attention mask mode and input noise."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -8,7 +8,6 @@ padding and packed rows share one layout (see vlmtrain.data.collate).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from vlmtrain import __version__
 from vlmtrain.config.schema import ModelConfig
 from vlmtrain.data.process import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the label convention
 from vlmtrain.data.tokenizer import image_token_id
+from vlmtrain.durable import fsync_file, replace_durably, write_text_durably
 from vlmtrain.models.language import language_config_from_dict, load_language_model
 from vlmtrain.models.loss import supervised_mask, token_losses
 from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
@@ -185,16 +185,15 @@ class VisionLanguageModel(nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write `model.safetensors` and `vlm_config.json` (each atomically) into `directory`."""
+        """Write `model.safetensors` and `vlm_config.json` (each atomically and fsynced) into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{WEIGHTS_NAME}.tmp"
         # save_model de-duplicates tied tensors (Qwen ties its input and output embeddings).
         save_model(self, str(tmp), metadata={"format": "pt", "vlmtrain_version": __version__})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        tmp_cfg = directory / f".{CONFIG_NAME}.tmp"
-        tmp_cfg.write_text(json.dumps(self.config_dict(), indent=2, default=str))
-        os.replace(tmp_cfg, directory / CONFIG_NAME)
+        fsync_file(tmp)  # the weights are on disk before their name (and then the config) can exist
+        replace_durably(tmp, directory / WEIGHTS_NAME)
+        write_text_durably(directory / CONFIG_NAME, json.dumps(self.config_dict(), indent=2, default=str))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, attn_backend: str | None = None) -> VisionLanguageModel:

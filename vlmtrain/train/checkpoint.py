@@ -6,12 +6,15 @@ Layout of `<stage dir>/checkpoints/step-00000100/`:
   rng-rank00000.safetensors  per-rank torch RNG states
   trainer_state.json       step, counters, scheduler and reader position, world size
   COMPLETE                 written last; a folder without it is a half-written checkpoint and is ignored
+
+Durability: every rank fsyncs the files it wrote before the barrier, rank 0 then fsyncs the folder before it
+writes COMPLETE, and fsyncs the checkpoints root after the rename and after rewriting `latest`
+(vlmtrain.durable), so a crash can never leave COMPLETE next to tensors still in the page cache.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmtrain.dist import DistContext, barrier
+from vlmtrain.durable import fsync_dir, fsync_file, replace_durably, write_text_durably
 from vlmtrain.train.engines.base import EngineState
 
 PREFIX = "step-"
@@ -39,15 +43,6 @@ class Checkpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -73,12 +68,14 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    save_file(_rng_state(), str(tmp / f"rng-rank{ctx.rank:05d}.safetensors"))
+    written = [tmp / f"rng-rank{ctx.rank:05d}.safetensors"]
+    save_file(_rng_state(), str(written[0]))
     if ctx.is_main:
-        save_file(engine_state.params, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        written += [tmp / "model.safetensors", tmp / "optimizer.safetensors"]
+        save_file(engine_state.params, str(written[1]), metadata={"step": str(step)})
         moments = {f"exp_avg.{k}": v for k, v in engine_state.exp_avg.items()}
         moments.update({f"exp_avg_sq.{k}": v for k, v in engine_state.exp_avg_sq.items()})
-        save_file(moments, str(tmp / "optimizer.safetensors"))
+        save_file(moments, str(written[2]))
         meta = dict(trainer_state)
         meta.update(
             step=step,
@@ -86,14 +83,17 @@ def save_checkpoint(
             optimizer_steps=engine_state.optimizer_steps,
             scheduler_steps=engine_state.scheduler_steps,
         )
-        _atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, indent=2))
-    barrier()  # every rank has written its files
+        write_text_durably(tmp / "trainer_state.json", json.dumps(meta, indent=2))
+    for path in written:  # the writer fsyncs: on a shared filesystem only its node holds the dirty pages
+        fsync_file(path)
+    barrier()  # every rank has written and fsynced its files
     if ctx.is_main:
-        _atomic_write_text(tmp / COMPLETE, f"{step}\n")
+        fsync_dir(tmp)  # the files' directory entries, before COMPLETE vouches for them
+        write_text_durably(tmp / COMPLETE, f"{step}\n")
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(root / "latest", final.name + "\n")
+        replace_durably(tmp, final)
+        write_text_durably(root / "latest", final.name + "\n")
         prune_checkpoints(root, keep)
     barrier()
     return final

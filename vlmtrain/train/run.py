@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from vlmtrain.config.schema import StageConfig
+from vlmtrain.config.schema import ModelConfig, StageConfig
 from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
+from vlmtrain.train.init_check import (
+    InitReference,
+    check_model_block,
+    effective_model,
+    reference_from_directory,
+)
 from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
 from vlmtrain.train.validation import Validator
 
@@ -33,7 +40,30 @@ def resolve_init(stage: StageConfig, run_dir: Path) -> Path | None:
     )
 
 
+def resolve_model(
+    stage: StageConfig, run_dir: Path, planned: Mapping[str, ModelConfig] | None = None
+) -> StageConfig:
+    """The stage as it trains: with `init_from`, its `model` block is checked against the checkpoint's
+    (InitFromMismatch) and replaced by it, so the stage_config.json it writes says what the model is.
+
+    `planned` holds the resolved blocks of earlier stages of this command that have not run yet: an
+    `init_from` naming one is checked against that block (the directory does not exist yet). Reads JSON only.
+    """
+    if stage.init_from is None:
+        return stage
+    if planned is not None and stage.init_from in planned:
+        ref = InitReference(
+            planned[stage.init_from], f"stage {stage.init_from}'s output, trained earlier in this run"
+        )
+    else:
+        ref = reference_from_directory(resolve_init(stage, run_dir))  # type: ignore[arg-type]
+    check_model_block(stage, ref)
+    return dataclasses.replace(stage, model=effective_model(stage, ref))
+
+
 def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionLanguageModel, object]:
+    """The stage's model and tokenizer; a `model` block that disagrees with `init_from` fails before any load."""
+    stage = resolve_model(stage, run_dir)
     init = resolve_init(stage, run_dir)
     if init is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(init))
@@ -132,6 +162,7 @@ def run_stage(
     stage: StageConfig, run_dir: Path, ctx: DistContext, resume: bool = False, fault: Fault | None = None
 ) -> StageResult:
     console = console_for(ctx.is_main)
+    stage = resolve_model(stage, run_dir)  # the model block the output records is the one that trains
     stage_dir = run_dir / stage.name
     stage.batch.accumulation_steps(ctx.world_size)  # fail on an impossible batch before loading a model
     console.rule(f"[bold]{stage.name}[/] {stage.description}")
@@ -164,6 +195,11 @@ def run_stages(
     console = console_for(ctx.is_main)
     for stage in stages:
         stage.batch.accumulation_steps(ctx.world_size)  # every stage's batch is possible before any trains
+    # Every init_from resolves, and agrees with the stage's model block, before any stage trains.
+    planned: dict[str, ModelConfig] = {}
+    for stage in stages:
+        if not (resume and is_stage_complete(run_dir / stage.name)):  # a skipped stage's output is on disk
+            planned[stage.name] = resolve_model(stage, run_dir, planned).model
     results: list[StageResult | Path] = []
     PREEMPTION.install()  # for the whole run: a stop signal while a model loads is kept, not fatal
     try:

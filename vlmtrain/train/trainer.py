@@ -27,6 +27,7 @@ from vlmtrain.config.load import stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
+from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
 from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_curves
 from vlmtrain.models.loss import count_supervised
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
@@ -265,12 +266,13 @@ class Trainer:
             (tmp / "stage_config.json").write_text(json.dumps(stage_config_to_dict(self.stage), indent=2))
             (tmp / PRECISION_NAME).write_text(json.dumps(engine.precision.as_dict(), indent=2))
             self.tokenizer.save_pretrained(str(tmp))
-            (tmp / DONE_MARKER).write_text("ok\n")
+            fsync_tree(tmp)  # every file and the folder reach the disk before the marker vouches for them
+            write_text_durably(tmp / DONE_MARKER, "ok\n")
             if out.exists():
                 import shutil
 
                 shutil.rmtree(out)
-            tmp.replace(out)
+            replace_durably(tmp, out)
         barrier()
         return out
 
