@@ -110,6 +110,15 @@ def test_chain_writes_every_stage_output(chain):
             assert written[key] == shipped[key], (
                 f"{cfg['name']}: {key} {written[key]} != shipped {shipped[key]}"
             )
+        # The presets train in bf16: fp32 masters, accumulation and reduction, recorded with the output.
+        assert json.loads((final / "precision.json").read_text()) == {
+            "master": "fp32",
+            "compute": "bf16",
+            "grad_accum": "fp32",
+            "reduce": "fp32",
+            "frozen": "bf16",
+            "load": "fp32",
+        }
         records = read_metrics(stage_dir / "metrics.jsonl")
         assert [r["step"] for r in records] == list(range(1, CHAIN_STEPS + 1))
         # 2 ranks x micro 2 x accumulation 2: each optimizer step sees the whole global batch.
