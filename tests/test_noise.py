@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
@@ -50,3 +52,32 @@ def test_ratio_zero_and_one():
 def test_pool_excludes_special_tokens():
     pool = ordinary_token_ids(10, special_ids={0, 9, 42})
     assert pool.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_trainer_noise_is_cpu_side_and_matches_the_device_path(tmp_path, tokenizer, tiny_model):
+    """The trainer corrupts the CPU micro-batch before the copy to the device; the draw is the one the former
+    device-side path made for the same (seed, step, micro-batch, rank): corrupt_text_tokens on the same ids
+    with a generator seeded by stable_seed(seed, "noise", step, micro, rank)."""
+    from vlmtrain.config.load import shipped_stage_path, stage_config_from_dict
+    from vlmtrain.dist import DistContext
+    from vlmtrain.train.trainer import Trainer, stable_seed
+
+    cfg = json.loads(shipped_stage_path(0).read_text())
+    stage = stage_config_from_dict(cfg)
+    assert stage.mask.noise_ratio == 0.2
+    ctx = DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    trainer = Trainer(stage, tmp_path, ctx, tiny_model, tokenizer, lambda state: [], total_steps=1)
+    input_ids, sample_ids, image_flags = layout()
+    raw = {"input_ids": input_ids, "sample_ids": sample_ids, "image_flags": image_flags, "labels": input_ids}
+    out = trainer.noisy_inputs(raw, step=3, micro=1)
+    gen = torch.Generator().manual_seed(stable_seed(stage.train.seed, "noise", 3, 1, 1))
+    expected, corrupted = corrupt_text_tokens(
+        input_ids, sample_ids, image_flags, 0.2, trainer.noise_pool, gen
+    )
+    assert corrupted.any()
+    assert torch.equal(out["input_ids"], expected)
+    assert out["labels"] is input_ids and torch.equal(raw["input_ids"], torch.arange(20).repeat(2, 1) + 100)
+    assert out["input_ids"].device.type == "cpu"
+    again = trainer.noisy_inputs(raw, step=3, micro=1)
+    assert torch.equal(again["input_ids"], expected)
+    assert not torch.equal(trainer.noisy_inputs(raw, step=3, micro=0)["input_ids"], expected)

@@ -170,22 +170,23 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: batch[k].to(self.ctx.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
 
-    def _add_noise(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> None:
+    def noisy_inputs(self, raw: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
+        """The CPU micro-batch with stage-0 input noise applied (labels keep the clean tokens).
+
+        Runs on the CPU tensors before the host-to-device copy, so the noise costs no device sync and no
+        round trip; the generator is seeded by (seed, step, micro-batch, rank), so a resumed run draws the
+        same noise.
+        """
         ratio = self.stage.mask.noise_ratio
         if ratio <= 0:
-            return
+            return raw
         gen = torch.Generator().manual_seed(
             stable_seed(self.stage.train.seed, "noise", step, micro, self.ctx.rank)
         )
         noisy, _ = corrupt_text_tokens(
-            batch["input_ids"].cpu(),
-            batch["sample_ids"].cpu(),
-            batch["image_flags"].cpu(),
-            ratio,
-            self.noise_pool,
-            gen,
+            raw["input_ids"], raw["sample_ids"], raw["image_flags"], ratio, self.noise_pool, gen
         )
-        batch["input_ids"] = noisy.to(self.ctx.device)  # labels keep the clean tokens
+        return {**raw, "input_ids": noisy}
 
     def train_step(self, engine: Engine, batches: Iterator[dict[str, Any]], step: int) -> dict[str, Any]:
         """One optimizer step: `accumulation_steps` micro-batches, then the engine's (possibly skipped) update.
@@ -205,8 +206,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         result = None
         for micro, raw in enumerate(raws):
-            batch = self._to_device(raw)
-            self._add_noise(batch, step, micro)
+            batch = self._to_device(self.noisy_inputs(raw, step, micro))
             out = engine.forward(batch, self.stage.mask.mode)
             loss = out.loss_sum if self.fault is None else self.fault(step, micro, out.loss_sum)
             engine.backward(loss, label_tokens)
