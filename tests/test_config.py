@@ -32,7 +32,7 @@ def test_shipped_stage_matches_paper(stage):
     )
     assert cfg.batch.global_batch_size == 128 and cfg.train.epochs == 1
     assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.weight_decay == 0.01 and cfg.optim.min_lr == 1e-8
-    assert cfg.optim.grad_clip > 0 and cfg.train.gradient_checkpointing and cfg.model.attn_backend == "sdpa"
+    assert cfg.optim.grad_clip > 0 and cfg.train.gradient_checkpointing and cfg.model.attn_backend == "auto"
 
 
 def base() -> dict:

@@ -157,7 +157,7 @@ def test_shared_preset_settings_match_every_preset() -> None:
         "`optim.grad_clip`": lambda c: c.optim.grad_clip == 1.0,
         "`optim.eps`": lambda c: c.optim.eps == 1e-8,
         "`train.epochs`": lambda c: c.train.epochs == 1,
-        "`model.attn_backend`": lambda c: c.model.attn_backend == "sdpa",
+        "`model.attn_backend`": lambda c: c.model.attn_backend == "auto",
         "`data.caption_choice`": lambda c: c.data.caption_choice == "first",
     }
     documented = {row[0] for row in _table_rows(section)}

@@ -232,3 +232,19 @@ def test_components_load_from_local_checkpoints(tmp_path, tokenizer):
         assert torch.equal(p, siglip.vision_model.state_dict()[name]), name
     for name, p in model.language.named_parameters():
         assert torch.equal(p, qwen.state_dict()[name]), name
+
+
+def test_auto_backend_resolves_to_sdpa_until_flex_is_tested_on_cuda(tokenizer, tiny_model_config):
+    import dataclasses
+
+    from vlmtrain.models.language import resolve_attn_backend
+
+    assert resolve_attn_backend("auto") == "sdpa"
+    assert [resolve_attn_backend(b) for b in ("sdpa", "flex", "eager")] == ["sdpa", "flex", "eager"]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_attn_backend("flash")
+    model = VisionLanguageModel.from_config(
+        dataclasses.replace(tiny_model_config, attn_backend="auto"), tokenizer
+    )
+    assert model.attn_backend == "sdpa"
+    assert model.language.config._attn_implementation == "sdpa"

@@ -23,7 +23,7 @@ from vlmtrain.config.schema import ModelConfig
 from vlmtrain.data.process import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the label convention
 from vlmtrain.data.tokenizer import image_token_id
 from vlmtrain.durable import fsync_file, replace_durably, write_text_durably
-from vlmtrain.models.language import language_config_from_dict, load_language_model
+from vlmtrain.models.language import language_config_from_dict, load_language_model, resolve_attn_backend
 from vlmtrain.models.loss import supervised_mask, token_losses
 from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.projector import Projector
@@ -85,7 +85,8 @@ class VisionLanguageModel(nn.Module):
         projector = Projector(
             vision.config.hidden_size, language.config.hidden_size, cfg.projector_hidden_act
         )
-        return cls(vision, projector, language, img_id, cfg.vision_feature_layer, cfg.attn_backend)
+        backend = resolve_attn_backend(cfg.attn_backend)
+        return cls(vision, projector, language, img_id, cfg.vision_feature_layer, backend)
 
     def module_groups(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "projector": self.projector, "language": self.language}
@@ -204,7 +205,7 @@ class VisionLanguageModel(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a vlmtrain model directory")
         cfg = json.loads(cfg_path.read_text())
-        backend = attn_backend or cfg.get("attn_backend", "sdpa")
+        backend = resolve_attn_backend(attn_backend or cfg.get("attn_backend", "sdpa"))
         vision_cfg = SiglipVisionConfig.from_dict(cfg["vision_config"])
         vision_cfg._attn_implementation = "sdpa"
         vision = SiglipVisionModel(vision_cfg).to(LOAD_DTYPE)
