@@ -118,6 +118,15 @@ class DeepSpeedEngine(Engine):
             batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
         return self.engine(**batch, mask_mode=mask_mode)
 
+    def _mode_module(self) -> torch.nn.Module:
+        return self.engine  # DeepSpeed's forward reads the wrapper's own train/eval flag
+
+    # generation_context: the base one. ZeRO-1/2 keep a whole compute copy of every parameter on every rank,
+    # so the Generator's direct submodule calls need nothing. ZeRO-3 partitions parameters: its per-module
+    # hooks gather a submodule's parameters when that submodule runs (a collective per call, matched across
+    # ranks because evaluation runs in lockstep); gathering the whole model once for the context
+    # (deepspeed.zero.GatheredParameters) is the override to write here once ZeRO-3 trains.
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
