@@ -122,10 +122,11 @@ class DeepSpeedEngine(Engine):
         return self.engine  # DeepSpeed's forward reads the wrapper's own train/eval flag
 
     # generation_context: the base one. ZeRO-1/2 keep a whole compute copy of every parameter on every rank,
-    # so the Generator's direct submodule calls need nothing. ZeRO-3 partitions parameters: its per-module
-    # hooks gather a submodule's parameters when that submodule runs (a collective per call, matched across
-    # ranks because evaluation runs in lockstep); gathering the whole model once for the context
-    # (deepspeed.zero.GatheredParameters) is the override to write here once ZeRO-3 trains.
+    # so the Generator's direct submodule calls need nothing. ZeRO-3 partitions parameters: DeepSpeed hooks
+    # every submodule to gather its parameters when it runs (a collective per call, matched across ranks
+    # because evaluation runs in lockstep), but that is not verified here (ZeRO-3 does not train yet).
+    # The override to write here once it does: gather the whole model once for the context
+    # (deepspeed.zero.GatheredParameters over self.module.parameters()), as FSDPEngine does.
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -178,7 +178,7 @@ class FSDPEngine(Engine):
         for block in blocks:
             block.set_reshard_after_forward(False, recurse=False)
         try:
-            self.eval_forward(self.blank_batch(), "prefix")
+            self.eval_forward(self.blank_batch(), "prefix")  # only its gathers count; any mask does
             with torch.no_grad():
                 yield self.module
         finally:
