@@ -85,6 +85,52 @@ def test_greedy_matches_argmax_of_full_forward(tiny_model, tokenizer, prompts):
     assert out[0] == ([] if expected in Generator(model, tokenizer, GenerationConfig()).stops else [expected])
 
 
+def busy_other_rank(asked: list[bool]):
+    """An `all_done` for a process whose peer rank always has rows left: records this process's answers."""
+
+    def all_done(done: bool) -> bool:
+        asked.append(done)
+        return False
+
+    return all_done
+
+
+def test_lockstep_decodes_on_while_another_rank_generates(tiny_model, tokenizer, prompts):
+    """With `all_done` saying another rank still generates, a process whose rows have all stopped keeps
+    decoding padding: one decision per step, every step up to max_new_tokens, the answers unchanged."""
+    model = sharpen(tiny_model)
+    ps, pixels = prompts
+    # The sharpened random model repeats one token greedily and never emits a stop token; sampling hot with
+    # every odd token id as a stop ends the rows after a few tokens, at different steps.
+    cfg = GenerationConfig(max_new_tokens=20, strategy="sample", temperature=2.0, seed=1)
+    odd = set(range(1, len(tokenizer), 2))
+    asked: list[bool] = []
+    alone = Generator(model, tokenizer, cfg)
+    lockstep = Generator(model, tokenizer, cfg, all_done=busy_other_rank(asked))
+    alone.stops |= odd
+    lockstep.stops |= odd
+    answers = lockstep.generate(ps, pixels)
+    assert answers == alone.generate(ps, pixels)
+    assert len({len(a) for a in answers}) > 1 and any(answers), f"rows did not stop apart: {answers}"
+    assert len(asked) == cfg.max_new_tokens
+    stopped = asked.index(True)
+    assert stopped == max(map(len, answers)) and all(asked[stopped:]), asked
+    with pytest.raises(ValueError, match="at least one prompt"):
+        lockstep.generate([], None)
+
+
+def test_lockstep_beam_search_keeps_finished_beams(tiny_model, tokenizer, prompts):
+    """Beams that all stopped at their first token keep their (empty) answers over 20 padded steps."""
+    model = sharpen(tiny_model)
+    ps, pixels = prompts
+    cfg = GenerationConfig(max_new_tokens=20, strategy="beam", num_beams=3)
+    asked: list[bool] = []
+    lockstep = Generator(model, tokenizer, cfg, all_done=busy_other_rank(asked))
+    lockstep.stops = set(range(len(tokenizer)))
+    assert lockstep.generate(ps, pixels) == [[], [], []]
+    assert asked == [True] * cfg.max_new_tokens
+
+
 def test_image_count_mismatch_is_an_error(tiny_model, tokenizer, prompts):
     ps, pixels = prompts
     with pytest.raises(ValueError, match="2 prompts have an image but 1 images"):

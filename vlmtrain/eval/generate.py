@@ -3,10 +3,16 @@
 
 `use_cache=False` recomputes the whole sequence at every step with the dense mask: the reference that cached
 generation must equal token for token.
+
+In a distributed job whose model runs collectives inside its forward (FSDP all-gathers a sharded block when it
+runs), every rank must take the same number of decoding steps: `all_done` makes the stop decision a collective
+one (see `vlmtrain.train.engines.base.Engine.generator`), and ranks whose rows have all stopped keep decoding
+padding, whose results are discarded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,10 +85,24 @@ def stop_token_ids(tokenizer: Any) -> set[int]:
     return {int(i) for i in ids if i is not None and i != tokenizer.unk_token_id}
 
 
-class Generator:
-    """Generates answers from a VisionLanguageModel (SDPA or eager backend)."""
+AllDone = Callable[[bool], bool]  # this rank's rows have all stopped -> every rank's rows have
 
-    def __init__(self, model: VisionLanguageModel, tokenizer: Any, config: GenerationConfig) -> None:
+
+class Generator:
+    """Generates answers from a VisionLanguageModel (SDPA or eager backend).
+
+    `all_done` (default: this process alone decides) is asked once per decoding step whether decoding may
+    stop; a distributed caller passes a collective so that every rank runs the same number of steps, and
+    then every rank must call `generate` equally often, each time with at least one prompt.
+    """
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        tokenizer: Any,
+        config: GenerationConfig,
+        all_done: AllDone | None = None,
+    ) -> None:
         if model.attn_backend == "flex":
             raise ValueError(
                 "generation needs the sdpa or eager backend; load the model with attn_backend='sdpa'"
@@ -93,6 +113,8 @@ class Generator:
         self.stops = stop_token_ids(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id)
         self.device = next(model.parameters()).device
+        self.lockstep = all_done is not None
+        self.all_done: AllDone = all_done or (lambda done: done)
 
     # ---- layout ---------------------------------------------------------------------------------------
     def _left_pad(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,6 +172,10 @@ class Generator:
         """Generated token ids per prompt (without the stop token). `pixel_values`: [n_images, 3, H, W] in
         the order of the prompts that have an image."""
         if not prompts:
+            if self.lockstep:
+                raise ValueError(
+                    "lockstep generation needs at least one prompt on every rank (pad with a dummy)"
+                )
             return []
         n_img = sum(p.has_image for p in prompts)
         if (pixel_values is None and n_img) or (pixel_values is not None and pixel_values.shape[0] != n_img):
@@ -189,17 +215,18 @@ class Generator:
         positions = position_ids_from_sample_ids(sample_ids)[:, -1]
         logits = self._prefill(ids, sample_ids, flags, pixel_values, cache)
         out: list[list[int]] = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        done = [False] * b  # on the host: one device-to-host copy per step (`tolist`), not one per row
         for _ in range(self.config.max_new_tokens):
             tokens = self._choose(logits, gen)
-            tokens = torch.where(done, torch.full_like(tokens, self.pad_id), tokens)
-            for i in range(b):
+            if any(done):  # rows that stopped are fed padding (their cache rows are never read again)
+                tokens = tokens.masked_fill(torch.tensor(done, device=self.device), self.pad_id)
+            for i, t in enumerate(tokens.tolist()):
                 if not done[i]:
-                    if int(tokens[i]) in self.stops:
+                    if t in self.stops:
                         done[i] = True
                     else:
-                        out[i].append(int(tokens[i]))
-            if bool(done.all()):
+                        out[i].append(t)
+            if self.all_done(all(done)):
                 break
             positions = positions + 1
             key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool, device=self.device)], 1)
@@ -254,7 +281,7 @@ class Generator:
             ]
             finished = new_finished
             scores = top_scores
-            if bool(finished.all()):
+            if self.all_done(bool(finished.all())):
                 break
             if cache is not None:
                 cache.reorder_cache(src)

@@ -148,12 +148,6 @@ def _validator(stage: StageConfig, stage_dir: Path, ctx: DistContext, model, tok
     """The stage's `validation` section as a Validator, or None when it names no data."""
     if stage.validation.data is None:
         return None
-    if stage.validation.cider and stage.train.engine == "fsdp" and ctx.world_size > 1:
-        # CIDEr generates on rank 0 alone; FSDP's sharded forward needs every rank.
-        raise ValueError(
-            f"stage {stage.name}: validation.cider needs the deepspeed engine or one process under fsdp; "
-            "set validation.cider=false or train.engine=deepspeed"
-        )
     factory = make_loader_factory(stage, model, tokenizer, ctx, source=stage.validation.data, training=False)
     return Validator(stage, ctx, tokenizer, lambda: factory(None), stage_dir / "validation.jsonl")
 

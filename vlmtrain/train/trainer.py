@@ -365,7 +365,7 @@ class Trainer:
                         metrics.write(record)
                     progress.update(task, completed=step, info=self._info(record))
                     if self.validator is not None and self.validator.due(step, self.total_steps):
-                        val = self.validator.run(self.model, step)
+                        val = self.validator.run(engine, step)  # collective: all ranks validate in lockstep
                         progress.console.print(
                             f"{stage.name} step {step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step")

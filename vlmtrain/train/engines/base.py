@@ -1,15 +1,22 @@
-"""The engine interface the trainer loop drives: forward, backward, step, LRs, and full-state gather/load."""
+"""The engine interface the trainer loop drives: forward, backward, step, LRs, full-state gather/load, and the
+evaluation entries (held-out forward, lockstep generation) that validation runs through."""
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlmtrain.dist import DistContext
 from vlmtrain.models.vlm import IGNORE_INDEX, VisionLanguageModel, VLMOutput
 from vlmtrain.precision import PrecisionPolicy
+
+if TYPE_CHECKING:
+    from vlmtrain.eval.generate import GenerationConfig, Generator
 
 
 @dataclass
@@ -88,6 +95,69 @@ class Engine(ABC):
     @abstractmethod
     def load_state(self, state: EngineState) -> None:
         """Collective: restore a state gathered by any engine at any world size."""
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    # Validation runs the model through these entries, never through the module directly: under FSDP a
+    # forward issues collectives (an all-gather per sharded block), so every rank must run the same modules
+    # the same number of times. Callers pad the shorter ranks with `blank_batch()` forwards and keep every
+    # rank's `generate` calls equal in number; the entries keep the rest (image path, decoding steps) equal.
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
+        """`forward` without autograd and in eval mode, with training's blank-image rule (as `forward` applies it)."""
+        with torch.no_grad(), self._eval_mode():
+            return self.forward(batch, mask_mode)
+
+    def blank_batch(self) -> dict[str, torch.Tensor]:
+        """One row holding a blank image and nothing supervised: a rank's stand-in forward (results discarded)."""
+        m = self.module
+        empty = torch.zeros((0, 0), dtype=torch.long, device=self.ctx.device)
+        batch = {"input_ids": empty, "labels": empty, "image_flags": empty.bool(), "sample_ids": empty}
+        return with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
+
+    def all_ranks_done(self, done: bool) -> bool:
+        """Collective (one all-reduce; none in a world of one): whether `done` holds on every rank."""
+        from vlmtrain.dist import any_rank
+
+        return not any_rank(not done, self.ctx.device)
+
+    @contextlib.contextmanager
+    def generator(self, tokenizer: Any, config: GenerationConfig) -> Iterator[Generator]:
+        """Collective: a Generator that decodes in lockstep on every rank, over the engine's model.
+
+        The Generator's KV-cache steps call the model's submodules directly (embedding, decoder, head), not
+        its forward; `generation_context` makes that valid for the engine's parameter layout. Each decoding
+        step ends with `all_ranks_done`, so all ranks run the same number of steps; the caller must call
+        `generate` equally often on every rank, each time with at least one prompt (a dummy where a rank has
+        none), and with an image in every call when `needs_image_path` (validation captions always have one).
+        """
+        from vlmtrain.eval.generate import Generator
+
+        with self.generation_context() as model, self._eval_mode():
+            yield Generator(model, tokenizer, config, all_done=self.all_ranks_done)
+
+    @contextlib.contextmanager
+    def generation_context(self) -> Iterator[VisionLanguageModel]:
+        """Collective: the model, usable by direct submodule calls (no autograd) until the context exits.
+
+        Default: replicated parameters (DeepSpeed ZeRO-1/2) need nothing. Engines that partition parameters
+        override it (FSDP gathers every unit once for the whole context).
+        """
+        with torch.no_grad():
+            yield self.module
+
+    def _mode_module(self) -> torch.nn.Module:
+        """The outermost module whose train/eval flag the engine's forward reads."""
+        return self.module
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        target = self._mode_module()
+        was_training = target.training
+        target.eval()
+        try:
+            yield
+        finally:
+            target.train(was_training)
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]

@@ -124,6 +124,16 @@ class DeepSpeedEngine(Engine):
             batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
         return self.engine(**batch, mask_mode=mask_mode)
 
+    def _mode_module(self) -> torch.nn.Module:
+        return self.engine  # DeepSpeed's forward reads the wrapper's own train/eval flag
+
+    # generation_context: the base one. ZeRO-1/2 keep a whole compute copy of every parameter on every rank,
+    # so the Generator's direct submodule calls need nothing. ZeRO-3 partitions parameters: DeepSpeed hooks
+    # every submodule to gather its parameters when it runs (a collective per call, matched across ranks
+    # because evaluation runs in lockstep), but that is not verified here (ZeRO-3 does not train yet).
+    # The override to write here once it does: gather the whole model once for the context
+    # (deepspeed.zero.GatheredParameters over self.module.parameters()), as FSDPEngine does.
+
     def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
         # scale_wrt_gas=False: the token weighting already spans the accumulation window.
         self.engine.backward(loss_sum * self.loss_weight(step_tokens), scale_wrt_gas=False)

@@ -18,7 +18,9 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -167,6 +169,30 @@ class FSDPEngine(Engine):
                 self.module.vision.config.image_size,
             )
         return self.module(**batch, mask_mode=mask_mode)
+
+    @contextlib.contextmanager
+    def generation_context(self) -> Iterator[VisionLanguageModel]:
+        """Every FSDP unit gathered once and kept whole until the context exits.
+
+        Generation calls the model's submodules directly (the Generator's KV-cache steps), so the root unit
+        (embedding, head, projector) must be unsharded outside a root forward, and a decoding step would
+        otherwise all-gather every block again. One blank-image forward through the root unshards every unit
+        the generation uses (and runs FSDP's lazy init if no forward has yet); with reshard-after-forward off
+        the blocks stay whole. Cost: the compute-dtype model is held whole on every rank for the context
+        (0.9B parameters in bf16: 1.8 GB), gathered once instead of once per decoding step.
+        """
+        blocks = [m for m in self.module.modules() if isinstance(m, FSDPModule) and m is not self.module]
+        for block in blocks:
+            block.set_reshard_after_forward(False, recurse=False)
+        try:
+            self.eval_forward(self.blank_batch(), "prefix")  # only its gathers count; any mask does
+            with torch.no_grad():
+                yield self.module
+        finally:
+            for block in blocks:
+                block.set_reshard_after_forward(True, recurse=False)
+            for unit in (self.fsdp_root, *blocks):
+                unit.reshard()  # local: frees the whole copies; training's next forward gathers as usual
 
     def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
         last = self._micro + 1 == self.accumulation_steps
