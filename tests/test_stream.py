@@ -336,7 +336,10 @@ def test_load_source_errors_name_the_path(dataset: Path, proc: SampleProcessor, 
     stream = loader(tmp_path / "manifest.json", proc, num_workers=0)
     assert sorted(flat(batches(stream))) == [k for k in GOOD_KEYS if int(k) < 5]
     assert stream.skip_counts() == {"bad_json": 1, "corrupt_shard": 1}
-    assert "holds 5 readable samples, the manifest/resume state says 6" in stream.corrupt_shards()["train-000000.tar"]
+    assert (
+        "holds 5 readable samples, the manifest/resume state says 6"
+        in stream.corrupt_shards()["train-000000.tar"]
+    )
 
 
 def test_pickles_in_shards_are_never_loaded(
