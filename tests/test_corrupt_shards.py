@@ -233,6 +233,16 @@ def test_more_corrupt_shards_than_allowed_is_a_clear_error(shards: Path, proc: S
     assert "shard-000000.tar" in str(err.value) and "shard-000002.tar" in str(err.value)
 
 
+def test_evaluation_refuses_a_damaged_shard(shards: Path) -> None:
+    from vlmtrain.eval.run import iter_eval_samples
+
+    assert len(list(iter_eval_samples(shards / "manifest.json", ImageTransform(image_size=8)))) == 40
+    path = shard_path(shards, 1)
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"shard-000001\.tar: .*truncated.*re-write the evaluation shards"):
+        list(iter_eval_samples(shards / "manifest.json", ImageTransform(image_size=8)))
+
+
 class RaisingProcessor(SampleProcessor):
     """Raises an unexpected exception type for one sample (a bug, not bad data)."""
 
