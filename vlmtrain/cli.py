@@ -103,6 +103,12 @@ def shard(
     ),
     answer_column: str | None = typer.Option(None, "--answer-column", help="jsonl/csv: VQA answer column."),
     max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", help="Decompression-bomb limit."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the record order: shards hold a seeded random permutation of all records."
+    ),
+    keep_order: bool = typer.Option(
+        False, "--keep-order", help="Keep input order instead (shard i = records i*N..(i+1)*N-1)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Convert an image-text corpus into WebDataset tar shards plus manifest.json; bad records are skipped and counted."""
@@ -129,6 +135,8 @@ def shard(
             question_column=question_column,
             answer_column=answer_column,
             progress=progress,
+            seed=seed,
+            keep_order=keep_order,
             **kwargs,
         )
     except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, shard_mod.ManifestError) as err:
@@ -159,6 +167,7 @@ def train(
     """Train one or more stages; runs under deepspeed, torchrun, srun or as a single process."""
     from vlmtrain.config.load import ConfigError, load_stage_config
     from vlmtrain.dist import init_distributed
+    from vlmtrain.train.failfast import fail_fast
     from vlmtrain.train.run import run_stages
 
     if resume not in ("auto", "none"):
@@ -173,7 +182,8 @@ def train(
     if not stages:
         raise typer.BadParameter("name at least one --stage or --config", param_hint="--stage")
     ctx = init_distributed()
-    run_stages(stages, run_dir, ctx, resume=resume == "auto")
+    with fail_fast(ctx):  # any failure ends every rank promptly with a non-zero status
+        run_stages(stages, run_dir, ctx, resume=resume == "auto")
 
 
 eval_app = typer.Typer(

@@ -130,9 +130,22 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     caption_choice: Literal["first", "random"] = "random"
     """Which reference caption a caption sample trains on each epoch."""
+    open_shards: int = 4
+    """Shards each reader worker keeps open and interleaves, so a micro-batch mixes several shards. Each is
+    held whole in memory: about open_shards x shard bytes x num_workers per rank."""
+    max_corrupt_shards: int = 8
+    """Damaged shards (unreadable, truncated, sha256 or sample count not as in the manifest) a rank may meet
+    before the run stops: their readable samples are used and the lost ones skipped as `corrupt_shard`;
+    more than a handful means broken storage or a bad copy rather than a stray bad file."""
 
     def validate(self, path: str) -> None:
         _require(self.max_length > 0, f"{path}.max_length", f"must be > 0, got {self.max_length}")
+        _require(self.open_shards >= 1, f"{path}.open_shards", f"must be >= 1, got {self.open_shards}")
+        _require(
+            self.max_corrupt_shards >= 0,
+            f"{path}.max_corrupt_shards",
+            f"must be >= 0, got {self.max_corrupt_shards}",
+        )
         if self.pack_length is not None:
             _require(
                 self.pack_length >= self.max_length,

@@ -40,6 +40,7 @@ SKIP_REASONS = (
     "multiple_images",  # more than one image member for one key
     "bad_image",  # the image does not decode (truncated, corrupt, unsupported mode)
     "dropped_too_long",  # even the first (question, answer) pair does not fit max_length
+    "corrupt_shard",  # lost with a damaged shard (truncated, unreadable, or not what its manifest says)
 )
 # Samples kept but shortened; counted as well, so nothing is cut silently.
 TRUNCATIONS = ("truncated_turns", "truncated_answer")

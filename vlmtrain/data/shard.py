@@ -1,8 +1,12 @@
 """``vlmtrain shard``: turn an annotation file and its images into WebDataset tar shards plus a manifest.
 
-Shard ``i`` holds the input records ``[i * shard_size, (i + 1) * shard_size)`` minus the skipped ones, so
-which shard a record lands in never depends on skips or on worker timing. Tar headers carry no times or
-owners, so the same input always gives byte-identical shards. Each finished shard gets a sidecar
+Records are written in a seeded random order by default: position ``p`` of a SplitMix64 permutation of ALL
+input records (seeded by ``--seed``) goes to shard ``p // shard_size``, so every shard is a random draw of
+the whole corpus even when the input is ordered by source. ``--keep-order`` keeps input order (shard ``i``
+then holds input records ``[i * shard_size, (i + 1) * shard_size)``). Either way skipped records leave gaps
+instead of moving later records, so which shard a record lands in never depends on skips or on worker
+timing; sample keys stay the records' input indices. Tar headers carry no times or owners, so the same
+input and options always give byte-identical shards. Each finished shard gets a sidecar
 ``{prefix}-{i:06d}.done.json``; a re-run keeps shards whose sidecar, size and sha256 still match.
 """
 
@@ -42,6 +46,7 @@ from vlmtrain.data.images import (
     set_pil_limits,
     validate_and_maybe_resize,
 )
+from vlmtrain.data.order import permutation
 
 DEFAULT_CAPTION_PROMPT = "Write a short caption for the image."
 
@@ -49,8 +54,8 @@ DEFAULT_CAPTION_PROMPT = "Write a short caption for the image."
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-# Skipped records remembered per shard, and in the manifest, so users can find them.
-EXAMPLES_PER_SHARD = 5
+# Skipped records remembered in the manifest, so users can find them: the first ones in input order. A
+# shard keeps its EXAMPLES_IN_MANIFEST lowest-index ones, so the manifest's are exact in any record order.
 EXAMPLES_IN_MANIFEST = 20
 
 # Shards a worker pool may have queued or in flight per worker: bounds memory held by pending jobs.
@@ -82,6 +87,10 @@ class ShardOptions:
     """jsonl/csv: answer column."""
     max_image_pixels: int
     """Images with more pixels are skipped as decompression bombs."""
+    seed: int = 0
+    """Seed of the record order (a permutation of all input records); ignored with keep_order."""
+    keep_order: bool = False
+    """Write records in input order instead of the seeded random order."""
 
 
 @dataclass(frozen=True)
@@ -177,10 +186,13 @@ def shard(
     answer_column: str | None = None,
     progress: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    seed: int = 0,
+    keep_order: bool = False,
 ) -> ShardSummary:
     """Write ``out/{split or 'shard'}-{i:06d}.tar`` shards and ``out/manifest.json`` from ``input``.
 
-    Bad records are skipped and counted by reason; an input that is not ``fmt`` at all is an error.
+    Records go in a permutation seeded by ``seed`` (``keep_order``: input order). Bad records are skipped
+    and counted by reason; an input that is not ``fmt`` at all is an error.
     """
     spec = get_format(fmt)
     options = ShardOptions(
@@ -192,6 +204,8 @@ def shard(
         question_column=question_column,
         answer_column=answer_column,
         max_image_pixels=max_image_pixels,
+        seed=seed,
+        keep_order=keep_order,
     )
     _validate(spec, input, images, split, options, workers)
     input = input.resolve()
@@ -211,7 +225,7 @@ def shard(
         answer_column=answer_column,
     )
     stats = ReadStats()
-    chunks = _chunks(spec.read(input, read_options, stats), shard_size)
+    chunks = _chunks(_ordered(spec.read(input, read_options, stats), options), shard_size)
     # Pull the first chunk before touching the output: a file in the wrong format fails here.
     first = next(chunks, None)
     chunks = chain([first], chunks) if first is not None else iter(())
@@ -249,6 +263,8 @@ def _validate(
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(options.seed, int) or options.seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {options.seed!r}")
     if options.image_size is not None and (not isinstance(options.image_size, int) or options.image_size < 1):
         raise ValueError(f"image_size must be a positive integer or None, got {options.image_size!r}")
     if "<image>" in options.caption_prompt or not options.caption_prompt.strip():
@@ -257,9 +273,24 @@ def _validate(
         )
 
 
-def _chunks(items: Iterable[Item], size: int) -> Iterator[tuple[tuple[int, Item], ...]]:
-    """Consecutive runs of ``size`` items, each paired with its input index."""
-    numbered = enumerate(items)
+def _ordered(items: Iterable[Item], options: ShardOptions) -> Iterator[tuple[int, Item]]:
+    """(input index, item) in the order the shards hold them: input order, or the seeded permutation.
+
+    A permutation of the whole input needs every record at hand: the parsed records are held in memory
+    (about the size of the annotation file for text formats; embedded images, e.g. PathVQA parquet, are
+    held too). The SplitMix64 permutation is pure Python: about 1 s per million records.
+    """
+    if options.keep_order:
+        yield from enumerate(items)
+        return
+    everything = list(items)
+    for index in permutation(len(everything), "shard-records", options.seed):
+        yield index, everything[index]
+
+
+def _chunks(numbered: Iterable[tuple[int, Item]], size: int) -> Iterator[tuple[tuple[int, Item], ...]]:
+    """Consecutive runs of ``size`` (input index, item) pairs: one shard's records each."""
+    numbered = iter(numbered)
     while chunk := tuple(islice(numbered, size)):
         yield chunk
 
@@ -366,8 +397,7 @@ def _write(job: _ShardJob) -> ShardResult:
                 members = build_sample(item, index, job.fmt, job.images, job.options)
             except SampleError as e:
                 skipped[e.reason] += 1
-                if len(examples) < EXAMPLES_PER_SHARD:
-                    examples.append(SkipExample(index, item.id, item.where, e.reason, e.detail))
+                examples.append(SkipExample(index, item.id, item.where, e.reason, e.detail))
                 continue
             for member_name, data in members:
                 _add_member(tar, member_name, data)
@@ -375,6 +405,7 @@ def _write(job: _ShardJob) -> ShardResult:
             dropped.update(item.dropped)
     os.replace(tmp_path, tar_path)
     info = ShardInfo(job.name, samples, _sha256_file(tar_path), tar_path.stat().st_size)
+    examples = sorted(examples, key=lambda e: e.index)[:EXAMPLES_IN_MANIFEST]
     result = ShardResult(info, dict(skipped), dict(dropped), tuple(examples), reused=False)
     sidecar = {
         **dataclasses.asdict(info),

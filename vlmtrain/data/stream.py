@@ -4,11 +4,17 @@ Design (docs/data_pipeline.md has the long form):
 - A rank's DataLoader workers are *slots*; slot id = rank * workers_per_rank + role. There are
   world_size * workers_per_rank slots.
 - Epoch e orders ALL shards by a permutation seeded by (seed, e) and deals them to slots round-robin.
-  A slot reads its shards one at a time; a shard's samples are visited in a permutation seeded by
-  (seed, e, shard name).
+- A slot keeps up to ``open_shards`` of its shards open (the first K unfinished ones of its list) and
+  interleaves them: each sample comes from an open shard drawn with probability proportional to its
+  remaining samples, by a PRNG seeded with (seed, e, slot, samples the slot drew so far in e). A shard's
+  samples are visited in a permutation seeded by (seed, e, shard name).
 - The state counts, per epoch and shard, how many samples of that permuted order reached the trainer.
-  A slot skips that many (before decoding) on start, so a resumed run continues exactly where the saved
-  one stopped, and a different world size still reads every remaining sample once.
+  A slot skips that many (before decoding) on start; the open set and every draw are pure functions of
+  those counts, so a resumed run continues exactly where the saved one stopped, and a different world
+  size still reads every remaining sample once.
+- A damaged shard (unreadable, truncated, sha256 or sample count not as in the manifest) yields the
+  samples it still holds; the lost ones are consumed as ``corrupt_shard`` skips when it is opened, and
+  the shard is named in the state. Beyond ``max_corrupt_shards`` the loader raises.
 - The DataLoader hands out batches round-robin over workers starting at worker 0; the state records
   which role comes next and resumed workers take rotated roles, so the same topology replays the
   uninterrupted order exactly.
@@ -16,11 +22,15 @@ Design (docs/data_pipeline.md has the long form):
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import logging
+import signal
+import sys
 import tarfile
 import warnings
 from collections import Counter
@@ -33,6 +43,7 @@ import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlmtrain.data.collate import Batch, pack_collate, pad_collate
+from vlmtrain.data.order import draw, permutation, splitmix64  # noqa: F401  (splitmix64: re-exported)
 from vlmtrain.data.process import SAMPLE_EXTENSIONS, ProcessedSample, RawSample, SampleProcessor, Skip
 
 logger = logging.getLogger(__name__)
@@ -40,11 +51,17 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Counter families carried in batches and in the state; all add up exactly once per consumed sample.
 COUNTER_KINDS = ("skipped", "truncated", "ignored_members")
-_MASK64 = (1 << 64) - 1
+CORRUPT = "corrupt_shard"  # the skip reason of samples lost with a damaged shard
+DEFAULT_OPEN_SHARDS = 4
+_BLOCK = 512  # tar block size
 
 
 class ShardError(RuntimeError):
-    """A shard file cannot be read, or disagrees with its manifest."""
+    """The shards cannot give a usable stream (e.g. a slot's whole epoch yields no sample)."""
+
+
+class TooManyCorruptShards(ShardError):
+    """More damaged shards than ``max_corrupt_shards`` allows."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class ShardInfo:
     name: str
     path: Path
     samples: int | None
+    sha256: str | None = None
+    """Hex digest from the manifest; a shard whose bytes hash differently is counted as corrupt."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,11 +100,24 @@ def _load_manifest(path: Path) -> list[ShardInfo]:
     try:
         manifest = json.loads(path.read_text())
         entries = manifest["shards"]
-        return [ShardInfo(str(e["name"]), path.parent / str(e["name"]), int(e["samples"])) for e in entries]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return [
+            ShardInfo(
+                str(e["name"]), path.parent / str(e["name"]), int(e["samples"]), _sha256(e.get("sha256"))
+            )
+            for e in entries
+        ]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(
             f"manifest {path}: expected {{'shards': [{{'name': str, 'samples': int, ...}}]}} ({err!r})"
         ) from err
+
+
+def _sha256(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 64:
+        raise ValueError(f"sha256 {value!r} is not a hex digest")
+    return value.lower()
 
 
 def _expand_pattern(pattern: str) -> list[ShardInfo]:
@@ -104,33 +136,8 @@ def _check_unique_names(shards: Sequence[ShardInfo], source: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Deterministic orders (our own PRNG so the order never changes with a numpy or Python upgrade)
+# Deterministic orders (vlmtrain.data.order's PRNG, so they never change with a numpy or Python upgrade)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _seed64(*parts: object) -> int:
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-def splitmix64(state: int) -> tuple[int, int]:
-    """One step of Vigna's SplitMix64: (next state, 64-bit output)."""
-    state = (state + 0x9E3779B97F4A7C15) & _MASK64
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return state, z ^ (z >> 31)
-
-
-def permutation(n: int, *seed_parts: object) -> list[int]:
-    """Fisher-Yates permutation of range(n) driven by SplitMix64 seeded from ``seed_parts``."""
-    state = _seed64(*seed_parts)
-    perm = list(range(n))
-    for i in range(n - 1, 0, -1):
-        state, z = splitmix64(state)
-        j = z % (i + 1)  # modulo bias < n / 2**64: negligible
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -163,6 +170,8 @@ class ShardSamples:
     members: list[dict[str, memoryview]]
     ignored: list[list[str]]
     """Per sample, the extensions of members that are not sample data (never decoded)."""
+    damage: str | None = None
+    """Why the shard is damaged (unreadable, truncated, sha256 mismatch); None when it read whole."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -177,18 +186,50 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def read_shard(path: Path) -> ShardSamples:
-    """Read a whole uncompressed tar into memory and group its members by key (no decoding)."""
-    data = path.read_bytes()
+def read_shard(path: Path, sha256: str | None = None) -> ShardSamples:
+    """Read a whole uncompressed tar into memory and group its members by key (no decoding).
+
+    Never raises for a damaged file: an unreadable one gives no samples; a truncated or garbled tar gives
+    the samples whose members all lie before the first bad header or the cut (the sample the cut may have
+    split is left out too); ``damage`` says what was wrong, including a sha256 that is not ``sha256``.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return ShardSamples([], [], [], damage=f"unreadable ({err})")
+    problems = []
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        problems.append("its sha256 differs from the manifest's")
+    infos, cut, cut_key = _tar_members(data)
+    shard = _group_members(infos, memoryview(data))
+    if cut is not None:
+        problems.append(cut)
+        if shard.keys and cut_key in (None, shard.keys[-1]):
+            for column in (shard.keys, shard.members, shard.ignored):
+                column.pop()  # the sample the cut went through may lack members
+    return dataclasses.replace(shard, damage="; ".join(problems) or None)
+
+
+def _tar_members(data: bytes) -> tuple[list[tarfile.TarInfo], str | None, str | None]:
+    """The members before any damage, what the damage is, and the key of the member it cut (None: unknown)."""
+    infos: list[tarfile.TarInfo] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            infos = tar.getmembers()
-    except tarfile.TarError as err:
-        raise ShardError(
-            f"{path}: not a readable uncompressed tar ({err}); compare its sha256 with the manifest and "
-            "re-write the shard"
-        ) from err
-    view = memoryview(data)
+            while (info := tar.next()) is not None:
+                if info.offset_data + info.size > len(data):
+                    cut = f"truncated ({len(data)} bytes): member {info.name} runs past the end"
+                    return infos, cut, split_member_name(info.name)[0]
+                infos.append(info)
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
+        return infos, f"not a readable tar after {len(infos)} members ({err})", None
+    end = infos[-1].offset_data + -(-infos[-1].size // _BLOCK) * _BLOCK if infos else 0
+    if data[end : end + _BLOCK] != bytes(_BLOCK):
+        # tarfile stops quietly at a cut on a header boundary; a whole tar ends with zero blocks.
+        return infos, f"truncated ({len(data)} bytes): no end-of-archive block after the last member", None
+    return infos, None, None
+
+
+def _group_members(infos: Sequence[tarfile.TarInfo], view: memoryview) -> ShardSamples:
     slot_of: dict[str, int] = {}
     shard = ShardSamples([], [], [])
     for info in infos:
@@ -223,9 +264,10 @@ class _Pending:
     samples: list[ProcessedSample] = field(default_factory=list)
     advance: dict[tuple[int, str], list[int]] = field(default_factory=dict)
     counters: dict[str, Counter[str]] = field(default_factory=lambda: {k: Counter() for k in COUNTER_KINDS})
+    corrupt: dict[str, str] = field(default_factory=dict)
 
-    def consume(self, epoch: int, shard: str, total: int) -> None:
-        self.advance.setdefault((epoch, shard), [0, total])[0] += 1
+    def consume(self, epoch: int, shard: str, total: int, n: int = 1) -> None:
+        self.advance.setdefault((epoch, shard), [0, total])[0] += n
 
     def meta(self, slot: int, role: int) -> dict[str, Any]:
         return {
@@ -233,15 +275,60 @@ class _Pending:
             "role": role,
             "advance": [(e, s, n, total) for (e, s), (n, total) in self.advance.items()],
             **{k: dict(c) for k, c in self.counters.items()},
+            "corrupt": dict(self.corrupt),
         }
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One sample a slot reads next."""
+
+    epoch: int
+    raw: RawSample
+    total: int
+    """Positions of the shard's epoch order (its manifest size)."""
+    ignored: list[str]
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """A damaged shard just opened: its lost samples, consumed at once as corrupt_shard skips."""
+
+    epoch: int
+    shard: str
+    total: int
+    lost: int
+    """Lost positions not consumed yet (0 when an earlier run already consumed them)."""
+    damage: str
+
+
+@dataclass
+class _OpenShard:
+    """A shard a slot is reading: its samples in memory and how far this epoch's order has got.
+
+    Positions ``[0, lost)`` of the epoch order are the samples the shard lost (they come first so they are
+    consumed the moment the damage is seen); position ``p >= lost`` is sample ``order[p - lost]``.
+    """
+
+    info: ShardInfo
+    contents: ShardSamples
+    order: list[int]
+    lost: int
+    size: int
+    done: int
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.done
 
 
 class ShardStream(IterableDataset):
     """The dataset each DataLoader worker iterates: its slot's samples, processed and collated.
 
     Yields batch dicts whose ``"stream"`` entry says which samples they consumed (epoch, shard, count,
-    shard size), what was skipped or truncated and which members were ignored. A batch may have
-    ``num_samples == 0`` when only skipped samples remained; StreamLoader absorbs those.
+    shard size), what was skipped or truncated, which members were ignored and which shards were found
+    damaged. A batch may have ``num_samples == 0`` when only skipped samples remained; StreamLoader absorbs
+    those.
     """
 
     def __init__(
@@ -260,6 +347,7 @@ class ShardStream(IterableDataset):
         consumed: dict[int, dict[str, int]],
         known_samples: dict[str, int],
         role_offset: int,
+        open_shards: int = DEFAULT_OPEN_SHARDS,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -275,6 +363,7 @@ class ShardStream(IterableDataset):
         self.consumed = consumed
         self.known_samples = known_samples
         self.role_offset = role_offset
+        self.open_shards = open_shards
 
     @property
     def num_slots(self) -> int:
@@ -291,9 +380,16 @@ class ShardStream(IterableDataset):
         pending = _Pending()
         warned: set[str] = set()
         kept = [0]  # shared with _raw_samples, which runs interleaved with this loop
-        for epoch, raw, total, ignored in self._raw_samples(slot, kept):
-            pending.consume(epoch, raw.shard, total)
-            pending.counters["ignored_members"].update(ignored)
+        for item in self._raw_samples(slot, kept):
+            if isinstance(item, _Lost):
+                pending.consume(item.epoch, item.shard, item.total, item.lost)
+                if item.lost:
+                    pending.counters["skipped"][CORRUPT] += item.lost
+                pending.corrupt[item.shard] = item.damage
+                continue
+            raw = item.raw
+            pending.consume(item.epoch, raw.shard, item.total)
+            pending.counters["ignored_members"].update(item.ignored)
             result = self.processor(raw)
             if isinstance(result, Skip):
                 pending.counters["skipped"][result.reason] += 1
@@ -307,7 +403,7 @@ class ShardStream(IterableDataset):
             if len(pending.samples) == self.micro_batch_size:
                 yield self._emit(pending, slot, role)
                 pending = _Pending()
-        if pending.advance:
+        if pending.advance or pending.corrupt:
             yield self._emit(pending, slot, role)
 
     def _emit(self, pending: _Pending, slot: int, role: int) -> Batch:
@@ -324,8 +420,8 @@ class ShardStream(IterableDataset):
                 slot, raw.key, raw.shard, skip.reason, skip.detail, skip.reason,
             )  # fmt: skip
 
-    def _raw_samples(self, slot: int, kept: list[int]) -> Iterator[tuple[int, RawSample, int, list[str]]]:
-        """(epoch, sample, shard size, ignored member extensions) for every sample the slot still owes.
+    def _raw_samples(self, slot: int, kept: list[int]) -> Iterator[_Draw | _Lost]:
+        """Every sample the slot still owes, epoch after epoch, and the damaged shards it meets.
 
         ``kept`` counts samples the consumer kept; an endless stream whose whole epoch kept none would spin
         forever without yielding a batch, so that is an error.
@@ -337,8 +433,7 @@ class ShardStream(IterableDataset):
                 return  # an idle slot: fewer shards than slots
             fresh = not any(self.consumed.get(epoch, {}).get(self.shards[i].name) for i in assigned)
             kept_before = kept[0]
-            for i in assigned:
-                yield from self._shard_samples(self.shards[i], epoch)
+            yield from self._epoch_samples(slot, epoch, [self.shards[i] for i in assigned])
             if not self.resample:
                 return
             if fresh and kept[0] == kept_before:
@@ -349,30 +444,85 @@ class ShardStream(IterableDataset):
                 )
             epoch += 1
 
-    def _shard_samples(self, shard: ShardInfo, epoch: int) -> Iterator[tuple[int, RawSample, int, list[str]]]:
-        done = self.consumed.get(epoch, {}).get(shard.name, 0)
+    def _epoch_samples(self, slot: int, epoch: int, shards: list[ShardInfo]) -> Iterator[_Draw | _Lost]:
+        """One epoch of a slot: its first K unfinished shards open, each draw weighted by what they have left.
+
+        The open set (the first ``open_shards`` unfinished shards in list order) and the draw (seeded by the
+        samples the slot drew so far this epoch) depend only on the consumed counts, which the state saves:
+        a loader resumed from any state continues with exactly the draws the saved one would have made.
+        """
+        consumed = self.consumed.get(epoch, {})
+        drawn = sum(consumed.get(s.name, 0) for s in shards)
+        width = self.open_shards if self.shuffle else 1  # shuffle=False (evaluation): list order, tar order
+        queue = iter(shards)
+        opened: list[_OpenShard] = []
+        while True:
+            while len(opened) < width and (info := next(queue, None)) is not None:
+                shard = self._open(info, epoch, consumed.get(info.name, 0))
+                if shard is None:
+                    continue
+                if shard.contents.damage is not None:
+                    lost = max(0, shard.lost - shard.done)
+                    yield _Lost(epoch, info.name, shard.size, lost, f"{info.path}: {shard.contents.damage}")
+                    shard.done += lost
+                    drawn += lost
+                if shard.remaining > 0:
+                    opened.append(shard)
+            if not opened:
+                return
+            pick = opened[0]
+            if len(opened) > 1:
+                r = draw(sum(s.remaining for s in opened), "mix", self.seed, epoch, slot, drawn)
+                for pick in opened:
+                    if r < pick.remaining:
+                        break
+                    r -= pick.remaining
+            i = pick.order[pick.done - pick.lost]
+            pick.done += 1
+            drawn += 1
+            if pick.remaining == 0:
+                opened.remove(pick)
+            contents = pick.contents
+            raw = RawSample(contents.keys[i], pick.info.name, i, contents.members[i], epoch)
+            yield _Draw(epoch, raw, pick.size, contents.ignored[i])
+
+    def _open(self, shard: ShardInfo, epoch: int, done: int) -> _OpenShard | None:
+        """The shard read into memory with its epoch order, or None when this epoch already finished it.
+
+        A shard holding fewer samples than its known size lost the difference; one of unknown size that is
+        damaged counts one lost sample (a position of its own, so resume never counts it twice).
+        """
         expected = shard.samples if shard.samples is not None else self.known_samples.get(shard.name)
         if expected is not None and done >= expected:
-            return  # fully consumed: not even read
-        contents = read_shard(shard.path)
-        if expected is not None and len(contents) != expected:
-            raise ShardError(
-                f"{shard.path}: holds {len(contents)} samples but the manifest/resume state says {expected}; "
-                "the shard changed since it was written or the state was saved"
-            )
-        order = sample_order(len(contents), self.seed, epoch, shard.name, self.shuffle)
-        for position in range(done, len(contents)):
-            i = order[position]
-            raw = RawSample(contents.keys[i], shard.name, i, contents.members[i], epoch)
-            yield epoch, raw, len(contents), contents.ignored[i]
+            return None  # fully consumed: not even read
+        contents = read_shard(shard.path, shard.sha256)
+        readable = len(contents)
+        if expected is not None and readable != expected:
+            mismatch = f"holds {readable} readable samples, the manifest/resume state says {expected}"
+            damage = mismatch if contents.damage is None else f"{contents.damage}; {mismatch}"
+            contents = dataclasses.replace(contents, damage=damage)
+        if expected is None:
+            expected = readable + (contents.damage is not None)
+        readable = min(
+            readable, expected
+        )  # a shard with more samples than its manifest: the extra are unused
+        order = sample_order(readable, self.seed, epoch, shard.name, self.shuffle)
+        return _OpenShard(shard, contents, order, expected - readable, expected, done)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and exits; they die with their parent."""
-    import signal
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and exits; they die with their parent.
 
+    Ignoring SIGTERM means nobody but the rank can stop a worker, so a rank that dies without shutting its
+    DataLoader down (a hard exit after an error) would leave it running: PR_SET_PDEATHSIG has the kernel
+    SIGKILL the worker when its rank dies (Linux; elsewhere the DataLoader's watchdog ends an orphaned
+    worker within about 5 s).
+    """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _identity(batch: Batch) -> Batch:
@@ -409,6 +559,8 @@ class StreamLoader:
         state: dict[str, Any] | None = None,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        open_shards: int = DEFAULT_OPEN_SHARDS,
+        max_corrupt_shards: int | None = None,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -416,6 +568,10 @@ class StreamLoader:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if open_shards < 1:
+            raise ValueError(f"open_shards must be >= 1, got {open_shards}")
+        if max_corrupt_shards is not None and max_corrupt_shards < 0:
+            raise ValueError(f"max_corrupt_shards must be >= 0 or None, got {max_corrupt_shards}")
         self.shards = list(shards)
         self.processor = processor
         self.micro_batch_size = micro_batch_size
@@ -428,6 +584,8 @@ class StreamLoader:
         self.resample = resample
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
+        self.open_shards = open_shards
+        self.max_corrupt_shards = max_corrupt_shards
         self.collate = self._collate_fn(pack_length, pad_token_id, pad_to_multiple_of)
         self._consumed: dict[int, dict[str, int]] = {}
         self._known = {s.name: s.samples for s in self.shards if s.samples is not None}
@@ -435,6 +593,7 @@ class StreamLoader:
         self._base_counters: dict[str, dict[str, int]] = {k: {} for k in COUNTER_KINDS}
         self._next_role = 0
         self._batches = 0
+        self._corrupt: dict[str, str] = {}
         if state is not None:
             self._load(state)
         self._check_slots()
@@ -492,6 +651,7 @@ class StreamLoader:
             consumed={e: dict(d) for e, d in self._consumed.items()},
             known_samples=dict(self._known),
             role_offset=self._next_role,
+            open_shards=self.open_shards,
         )
 
     def __iter__(self) -> Generator[Batch, None, None]:
@@ -507,12 +667,21 @@ class StreamLoader:
             persistent_workers=False,
             worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
         )
-        for batch in loader:
-            self._absorb(batch["stream"])
-            if batch["num_samples"] == 0:
-                continue  # only skipped samples were left in that slot; their accounting is absorbed
-            self._batches += 1
-            yield batch
+        iterator = iter(loader)
+        try:
+            for batch in iterator:
+                self._absorb(batch["stream"])
+                if batch["num_samples"] == 0:
+                    continue  # only skipped samples were left in that slot; their accounting is absorbed
+                self._batches += 1
+                yield batch
+        finally:
+            # An exception's traceback keeps the DataLoader iterator alive (its own frames hold it), so its
+            # __del__ would not run: shut the workers down now. Left to interpreter exit, multiprocessing
+            # would join workers that were never told to stop and ignore SIGTERM, and hang there for good.
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+            if shutdown is not None:
+                shutdown()
 
     def _absorb(self, meta: dict[str, Any]) -> None:
         for epoch, shard, n, total in meta["advance"]:
@@ -525,12 +694,45 @@ class StreamLoader:
         for kind in COUNTER_KINDS:
             self._counters[kind].update(meta[kind])
         self._next_role = (int(meta["role"]) + 1) % self.workers_per_rank
+        for shard, damage in meta["corrupt"].items():
+            self._note_corrupt(shard, damage)
+
+    def _note_corrupt(self, shard: str, damage: str) -> None:
+        if shard in self._corrupt:
+            return
+        self._corrupt[shard] = damage
+        lost = self._counters["skipped"][CORRUPT] + self._base_counters["skipped"].get(CORRUPT, 0)
+        logger.warning(
+            "rank %d: corrupt shard %s: %s; its readable samples are used, the lost ones skipped as %r "
+            "(%d lost so far on this rank); training goes on",
+            self.rank, shard, damage, CORRUPT, lost,
+        )  # fmt: skip
+        limit = self.max_corrupt_shards
+        if limit is not None and len(self._corrupt) > limit:
+            listing = "; ".join(f"{name}: {why}" for name, why in sorted(self._corrupt.items()))
+            raise TooManyCorruptShards(
+                f"{len(self._corrupt)} corrupt shards, more than data.max_corrupt_shards={limit}: {listing}. "
+                "Re-copy or re-write them (`vlmtrain shard` keeps intact shards and rewrites damaged ones), "
+                "or raise data.max_corrupt_shards to train on without their lost samples"
+            )
 
     # -- state ----------------------------------------------------------------------------------------
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason (SKIP_REASONS), over the whole run including the loaded state."""
         return self._totals("skipped")
+
+    def corrupt_shards(self) -> dict[str, str]:
+        """Damaged shards met so far (this rank and the loaded state): name -> what is wrong with it."""
+        return dict(sorted(self._corrupt.items()))
+
+    def data_faults(self) -> dict[str, Any]:
+        """This rank's skips and corrupt shards, for merge_data_faults() over every rank's."""
+        return {
+            "skipped": self._totals("skipped"),
+            "base": dict(self._base_counters["skipped"]),
+            "corrupt_shards": self.corrupt_shards(),
+        }
 
     def truncation_counts(self) -> dict[str, int]:
         """Shortened samples: truncated_turns, truncated_answer, and dropped_pairs (pairs removed)."""
@@ -565,6 +767,8 @@ class StreamLoader:
             "base_counters": {k: dict(sorted(v.items())) for k, v in self._base_counters.items()},
             "next_role": {str(self.rank): self._next_role},
             "batches_delivered": {str(self.rank): self._batches},
+            "open_shards": self.open_shards,
+            "corrupt_shards": self.corrupt_shards(),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -604,6 +808,7 @@ class StreamLoader:
         if same_topology:
             self._next_role = int(state["next_role"][str(self.rank)])
             self._batches = int(state["batches_delivered"][str(self.rank)])
+        self._corrupt = {str(k): str(v) for k, v in state.get("corrupt_shards", {}).items()}
 
 
 def _check_state(state: dict[str, Any]) -> None:
@@ -671,13 +876,31 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "base_counters": counters,
         "next_role": {r: n for s in states for r, n in s["next_role"].items()},
         "batches_delivered": {r: n for s in states for r, n in s["batches_delivered"].items()},
+        "open_shards": first.get("open_shards", DEFAULT_OPEN_SHARDS),
+        "corrupt_shards": dict(
+            sorted({k: v for s in states for k, v in s.get("corrupt_shards", {}).items()}.items())
+        ),
     }
+
+
+def merge_data_faults(faults: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The job's skips by reason and corrupt shard names from every rank's ``data_faults()``.
+
+    Skips add each rank's growth over the common loaded base (as merge_states does).
+    """
+    base = Counter(faults[0]["base"]) if faults else Counter()
+    total = Counter(base)
+    for f in faults:
+        total.update(Counter(f["skipped"]) - base)
+    corrupt = sorted({name for f in faults for name in f["corrupt_shards"]})
+    return {"data_skipped": dict(sorted(total.items())), "corrupt_shards": corrupt}
 
 
 def build_loader(source: str | Path, processor: SampleProcessor, **options: Any) -> StreamLoader:
     """The rank's loader over the shards of ``source`` (a manifest.json or a brace pattern).
 
     ``options`` are StreamLoader's keyword arguments (micro_batch_size, rank, world_size, num_workers, seed,
-    pad_token_id, shuffle, resample, pack_length, pad_to_multiple_of, state, prefetch_factor, pin_memory).
+    pad_token_id, shuffle, resample, pack_length, pad_to_multiple_of, state, prefetch_factor, pin_memory,
+    open_shards, max_corrupt_shards).
     """
     return StreamLoader(load_source(source), processor, **options)

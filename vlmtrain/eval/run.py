@@ -56,7 +56,9 @@ def iter_eval_samples(
     """Samples in shard order (no shuffling); an undecodable image is an error naming the shard and key."""
     n = 0
     for shard in load_source(source):
-        samples = read_shard(shard.path)
+        samples = read_shard(shard.path, shard.sha256)
+        if samples.damage is not None:  # training skips and counts these; a score needs the whole test set
+            raise ValueError(f"{shard.path}: {samples.damage}; re-copy or re-write the evaluation shards")
         for key, members in zip(samples.keys, samples.members, strict=True):
             if limit is not None and n >= limit:
                 return

@@ -139,6 +139,8 @@ def make_loader_factory(
             pack_length=stage.data.pack_length,
             state=state,
             pin_memory=ctx.device.type == "cuda",
+            open_shards=stage.data.open_shards,
+            max_corrupt_shards=stage.data.max_corrupt_shards,
         )
 
     return factory

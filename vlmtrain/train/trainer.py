@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from vlmtrain.config.load import stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.data.collate import MODEL_KEYS
+from vlmtrain.data.stream import merge_data_faults
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
 from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
 from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_curves
@@ -359,10 +360,10 @@ class Trainer:
                         "tokens_per_s": info["tokens"] / dt,
                         "samples_per_s": info["samples"] / dt,
                         "step_time_s": dt,
-                        "data_skipped": loader.skip_counts(),
                     }
                     if step % stage.train.log_every == 0 or step == self.total_steps:
-                        metrics.write(record)
+                        # data_skipped (by reason) and corrupt_shards of the whole job, not rank 0's alone
+                        metrics.write({**record, **merge_data_faults(gather_objects(loader.data_faults()))})
                     progress.update(task, completed=step, info=self._info(record))
                     if self.validator is not None and self.validator.due(step, self.total_steps):
                         val = self.validator.run(engine, step)  # collective: all ranks validate in lockstep
