@@ -228,3 +228,27 @@ def test_a_chained_stage_not_run_yet_is_checked_before_anything_trains(tmp_path,
     # An init_from that names neither an earlier stage nor a directory fails up front too.
     with pytest.raises(FileNotFoundError, match="init_from='stage0' found no model"):
         run.run_stages([s1_ok], tmp_path / "run", WORLD_OF_ONE)
+
+
+def test_train_command_reports_the_mismatch_in_one_line_and_exits_2(tmp_path, tokenizer):
+    """Through `vlmtrain train` (a subprocess: a failing run leaves with os._exit): exit 2, no traceback."""
+    import subprocess
+
+    from train_fixtures import PYTHON, train_env
+
+    tok = tmp_path / "tok"
+    tokenizer.save_pretrained(str(tok))
+    block = tiny_block(tok, len(tokenizer))
+    s0 = write_config(tmp_path / "s0.json", 0, model=block)
+    s1 = write_config(tmp_path / "s1.json", 1, model={**block, "projector_hidden_act": "relu"})
+    cmd = [PYTHON, "-m", "vlmtrain.cli", "train", "--config", str(s0), "--config", str(s1)]
+    proc = subprocess.run(
+        [*cmd, "--run-dir", str(tmp_path / "run")],
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert '"relu" here, "gelu" in the checkpoint' in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

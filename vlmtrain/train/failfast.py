@@ -32,6 +32,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from vlmtrain.config.load import ConfigError
 from vlmtrain.dist import DistContext, barrier
 
 ABORT_KEY = "vlmtrain/abort"
@@ -39,6 +40,7 @@ POLL_S = 1.0
 UNREACHABLE_POLLS = 3  # consecutive failed polls before the store counts as gone (not a hiccup)
 STORE_TIMEOUT = timedelta(seconds=10)
 FAILED_EXIT_CODE = 1
+CONFIG_EXIT_CODE = 2  # as for a config error found before the run starts (the CLI's usage errors)
 CLEAN_EXIT_CODES = (None, 0, 75)  # 75: trainer.PREEMPTED_EXIT_CODE (checkpoint written, requeue)
 
 
@@ -53,15 +55,22 @@ def fail_fast(ctx: DistContext) -> Iterator[None]:
             abort(ctx, exit_, watch, exit_.code if isinstance(exit_.code, int) else FAILED_EXIT_CODE)
         _stop_together(watch)
         raise
+    except ConfigError as err:  # a user error found once the run started (e.g. init_from): one line, exit 2
+        abort(ctx, err, watch, CONFIG_EXIT_CODE, show_traceback=False)
     except BaseException as err:  # KeyboardInterrupt included: a rank must never linger in a collective
         abort(ctx, err, watch, FAILED_EXIT_CODE)
     else:
         _stop_together(watch)
 
 
-def abort(ctx: DistContext, err: BaseException, watch: AbortWatch | None, code: int) -> None:
+def abort(
+    ctx: DistContext, err: BaseException, watch: AbortWatch | None, code: int, show_traceback: bool = True
+) -> None:
     """Report ``err``, raise the job's abort flag, kill this rank's workers and exit with ``code``."""
-    traceback.print_exception(err, file=sys.stderr)
+    if show_traceback:
+        traceback.print_exception(err, file=sys.stderr)
+    else:
+        print(f"config error: {err}", file=sys.stderr)
     reason = f"rank {ctx.rank} failed: {type(err).__name__}: {err}"
     print(f"vlmtrain: {reason}; ending this rank (exit {code}) and the job", file=sys.stderr)
     if watch is not None:
