@@ -164,6 +164,10 @@ def run_stages(
     console = console_for(ctx.is_main)
     for stage in stages:
         stage.batch.accumulation_steps(ctx.world_size)  # every stage's batch is possible before any trains
+        if stage.train.engine == "deepspeed":  # and every stage's DeepSpeed config is one vlmtrain supports
+            from vlmtrain.train.engines.deepspeed import resolve_ds_config
+
+            resolve_ds_config(stage, ctx.world_size)
     results: list[StageResult | Path] = []
     PREEMPTION.install()  # for the whole run: a stop signal while a model loads is kept, not fatal
     try:
