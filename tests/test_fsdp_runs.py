@@ -30,6 +30,7 @@ from train_fixtures import (
     run_training,
     session_cache,
     standalone,
+    tiny_ds_config,
     tiny_stage_config,
     train_data,
     write_config,
@@ -146,13 +147,13 @@ def text_only_keys(data: TrainData) -> set[str]:
     return keys
 
 
-def fp32_config(data: TrainData, engine: str) -> dict[str, Any]:
+def fp32_config(data: TrainData, engine: str, **train: Any) -> dict[str, Any]:
     """Stage 3 on its own (every group trains; instruction data with text-only samples) in fp32, one
     sample per micro-batch, so that some micro-batches hold no image while other ranks' do."""
     return standalone(
         tiny_stage_config(
             3, data, max_steps=CHAIN_STEPS, save_every=0, micro_batch_size=1,
-            train={"engine": engine, "precision": "fp32"},
+            train={"engine": engine, "precision": "fp32", **train},
         )
     )  # fmt: skip
 
@@ -163,8 +164,9 @@ def plain(data: TrainData) -> PlainRun:
     return plain_reference(fp32_config(data, "fsdp"), ranks=2, steps=CHAIN_STEPS)
 
 
-def fp32_run(tmp: Path, data: TrainData, engine: str) -> tuple[Path, Path]:
-    keys = record(tmp, "run", fp32_config(data, engine), tmp / "run", ranks=2, resume=False, dump=False)
+def fp32_run(tmp: Path, data: TrainData, engine: str, **train: Any) -> tuple[Path, Path]:
+    cfg = fp32_config(data, engine, **train)
+    keys = record(tmp, "run", cfg, tmp / "run", ranks=2, resume=False, dump=False)
     return tmp / "run" / "stage3", keys
 
 
@@ -197,6 +199,14 @@ def test_fp32_fsdp_two_ranks_equal_plain_pytorch_with_text_only_micro_batches(tm
 
 def test_fp32_deepspeed_two_ranks_equal_plain_pytorch_with_text_only_micro_batches(tmp_path, data, plain):
     assert_matches_plain(*fp32_run(tmp_path, data, "deepspeed"), plain, data)
+
+
+def test_fp32_deepspeed_zero3_two_ranks_equal_plain_pytorch_with_text_only_micro_batches(
+    tmp_path, data, plain
+):
+    """ZeRO-3, parameters partitioned (tests/test_ds_configs.py covers its bf16 runs and resume)."""
+    ds_config = tiny_ds_config("zero3_bf16", tmp_path / "ds")
+    assert_matches_plain(*fp32_run(tmp_path, data, "deepspeed", ds_config=str(ds_config)), plain, data)
 
 
 # ---- SIGKILL and resume -------------------------------------------------------------------------

@@ -199,6 +199,28 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# ZeRO-3 parameters below DeepSpeed's persistence threshold stay whole on every rank. The shipped 1e5 keeps
+# only norms and biases whole at real size (every 0.9B matrix is larger) but would keep every tensor of the
+# tiny model whole (the largest has 25,600 elements), so nothing would be partitioned; 1000 restores the
+# real-size split (matrices and embeddings partitioned, norms and biases whole).
+TINY_PERSISTENCE_THRESHOLD = 1000
+
+
+def shipped_ds_config(name: str) -> dict[str, Any]:
+    """A DeepSpeed config of ds_configs/ as a dict."""
+    return json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+
+
+def tiny_ds_config(name: str, out: Path) -> Path:
+    """The shipped DeepSpeed config `name` as a file in `out`, ZeRO-3's persistence threshold scaled to the
+    tiny model (TINY_PERSISTENCE_THRESHOLD)."""
+    cfg = shipped_ds_config(name)
+    if cfg["zero_optimization"]["stage"] == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = TINY_PERSISTENCE_THRESHOLD
+    out.mkdir(parents=True, exist_ok=True)
+    return write_config(cfg, out / f"{name}.json")
+
+
 @dataclass(frozen=True)
 class ReferenceRun:
     """An uninterrupted training run other tests compare against."""

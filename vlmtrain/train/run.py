@@ -191,6 +191,10 @@ def run_stages(
     console = console_for(ctx.is_main)
     for stage in stages:
         stage.batch.accumulation_steps(ctx.world_size)  # every stage's batch is possible before any trains
+        if stage.train.engine == "deepspeed":  # and every stage's DeepSpeed config is one vlmtrain supports
+            from vlmtrain.train.engines.deepspeed import resolve_ds_config
+
+            resolve_ds_config(stage, ctx.world_size)
     # Every init_from resolves, and agrees with the stage's model block, before any stage trains.
     planned: dict[str, ModelConfig] = {}
     for stage in stages:

@@ -18,6 +18,7 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+from vlmtrain.config.load import ConfigError
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext
 from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
@@ -67,6 +68,7 @@ def resolve_ds_config(stage: StageConfig, world_size: int) -> dict[str, Any]:
     cfg = json.loads(path.read_text())
     policy = PrecisionPolicy.for_precision(stage.train.precision)
     check_deepspeed_config(cfg, policy, str(path))
+    check_supported(cfg, path, stage, world_size)
     accum = stage.batch.accumulation_steps(world_size)
     cfg.update(
         train_batch_size=stage.batch.global_batch_size,
@@ -117,9 +119,10 @@ class DeepSpeedEngine(Engine):
             safe_set_full_fp32_param(p, incoming.pop(name).to(ctx.device))
 
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
-        if self._blank_image and not has_images(batch):
+        if (self._blank_image or self.zero3) and not has_images(batch):
             # Every rank must run the image path in every micro-batch: ZeRO-2 reduces gradients in buckets
             # filled in the order they become ready, and a rank that skipped the path would mix them up.
+            # ZeRO-3 all-gathers each module's weights as it runs, so even a frozen tower must run everywhere.
             m = self.module
             batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
         return self.engine(**batch, mask_mode=mask_mode)
@@ -128,11 +131,9 @@ class DeepSpeedEngine(Engine):
         return self.engine  # DeepSpeed's forward reads the wrapper's own train/eval flag
 
     # generation_context: the base one. ZeRO-1/2 keep a whole compute copy of every parameter on every rank,
-    # so the Generator's direct submodule calls need nothing. ZeRO-3 partitions parameters: DeepSpeed hooks
-    # every submodule to gather its parameters when it runs (a collective per call, matched across ranks
-    # because evaluation runs in lockstep), but that is not verified here (ZeRO-3 does not train yet).
-    # The override to write here once it does: gather the whole model once for the context
-    # (deepspeed.zero.GatheredParameters over self.module.parameters()), as FSDPEngine does.
+    # so the Generator's direct submodule calls need nothing. ZeRO-3 partitions parameters and gathers them
+    # in per-submodule hooks; lockstep generation through those hooks is not verified, so multi-rank ZeRO-3
+    # with validation.cider is refused at config time (check_supported) rather than left to hang.
 
     def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
         # scale_wrt_gas=False: the token weighting already spans the accumulation window.
@@ -180,29 +181,94 @@ class DeepSpeedEngine(Engine):
 
     def _prime_optimizer_state(self) -> None:
         """Create AdamW's (normally lazy) state exactly as its first step would, and link it to the params."""
-        for group in self.optimizer.param_groups:
-            for flat in group["params"]:
-                st = self.optimizer.state[flat]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        # DeepSpeed links parameter fragments to optimizer state at its first step; link them now instead.
-        self.ds_optimizer._lazy_init_hp_params_optimizer_state()
+        if self.zero3:
+            # ZeRO-3 keeps the optimizer's param lists empty between steps (it steps one flat fp32
+            # partition per sub-group) and reads moments straight from `state[flat]`: nothing to link.
+            flats = list(self.ds_optimizer.fp32_partitioned_groups_flat)
+        else:
+            flats = [flat for group in self.optimizer.param_groups for flat in group["params"]]
+        for flat in flats:
+            st = self.optimizer.state[flat]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        if not self.zero3:
+            # ZeRO-1/2 link parameter fragments to optimizer state at their first step; link them now.
+            self.ds_optimizer._lazy_init_hp_params_optimizer_state()
+
+    @property
+    def zero3(self) -> bool:
+        """ZeRO stage 3: parameters are partitioned between forwards (`p.data` is an empty placeholder)."""
+        return self.engine.zero_optimization_partition_weights()
 
     def load_state(self, state: EngineState) -> None:
         self.check_state_covers(state, self.ctx.is_main)
         dev = self.ctx.device
         for name, p in self.trainable_named_parameters():
-            full = broadcast_full(state.params.get(name), p, dev)
+            like = full_shape_like(p)
+            full = broadcast_full(state.params.get(name), like, dev)
             safe_set_full_fp32_param(p, full)
-            p.data.copy_(full.to(p.dtype))  # the compute copy every rank holds
+            if not self.zero3:
+                p.data.copy_(full.to(p.dtype))  # the compute copy every rank holds
             if state.optimizer_steps > 0:
-                safe_set_full_optimizer_state(p, broadcast_full(state.exp_avg.get(name), p, dev), "exp_avg")
-                safe_set_full_optimizer_state(
-                    p, broadcast_full(state.exp_avg_sq.get(name), p, dev), "exp_avg_sq"
-                )
+                for key, saved in zip(ADAM_STATES, (state.exp_avg, state.exp_avg_sq), strict=True):
+                    safe_set_full_optimizer_state(p, broadcast_full(saved.get(name), like, dev), key)
+        if self.zero3:
+            refresh_zero3_compute_params(self.ds_optimizer)
         for st in self.optimizer.state.values():
             if "step" in st:
                 st["step"].fill_(float(state.optimizer_steps))
         self._restore_schedule(state.scheduler_steps)
+
+
+def full_shape_like(p: torch.nn.Parameter) -> torch.Tensor:
+    """A storage-free tensor of the parameter's full shape (ZeRO-3's `p.shape` is its empty placeholder's)."""
+    return torch.empty(getattr(p, "ds_shape", p.shape), device="meta")
+
+
+def refresh_zero3_compute_params(optimizer: Any) -> None:
+    """Collective: rewrite ZeRO-3's low-precision partitions from its fp32 masters, as its own step does.
+
+    `safe_set_full_fp32_param` writes only the fp32 master partition; the bf16 partition the forward
+    gathers from, and the small "persistent" parameters every rank keeps whole, still hold the old values.
+    This is the sequence DeepSpeed's checkpoint load runs: release every gathered parameter, copy each
+    sub-group's fp32 partition into its bf16 partition, then re-gather the persistent parameters.
+    """
+    optimizer._partition_all_parameters()
+    for sub_group in range(len(optimizer.fp16_groups)):
+        optimizer._reassign_or_swap_out_partitioned_parameters(sub_group)
+    optimizer.checkpoint_event_epilogue()
+
+
+SUPPORTED_ZERO_STAGES = (2, 3)
+SHIPPED_CONFIGS = "zero2_bf16 (default), zero2_offload_bf16, zero3_bf16, zero3_offload_bf16"
+
+
+def check_supported(cfg: dict[str, Any], path: Path, stage: StageConfig, world_size: int) -> None:
+    """Refuse a DeepSpeed config vlmtrain has not verified to train, checkpoint and resume exactly.
+
+    Verified (tests/test_ds_configs.py): ZeRO-2 and ZeRO-3, each with and without CPU offload. ZeRO-0/1
+    and NVMe offload are untested paths of DeepSpeed's optimizers and of this engine's state handling.
+    """
+    zero = cfg.get("zero_optimization", {})
+    level = zero.get("stage", 0)
+    if level not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(
+            f"{path}: zero_optimization.stage={level} is not supported (vlmtrain trains, checkpoints and "
+            f"resumes ZeRO stages 2 and 3); set train.ds_config to one of {SHIPPED_CONFIGS}"
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in ("none", "cpu"):
+            raise ConfigError(
+                f"{path}: zero_optimization.{key}.device={device!r} is not supported (only 'cpu' or no "
+                f"offload); use zero2_offload_bf16 or zero3_offload_bf16 for CPU offload"
+            )
+    if level == 3 and world_size > 1 and stage.validation.data is not None and stage.validation.cider:
+        # ZeRO-3 gathers each module's weights from every rank as it runs (and checks the module order
+        # across ranks), so a forward on rank 0 alone waits forever for the other ranks.
+        raise ConfigError(
+            f"stage {stage.name}: validation.cider captions on rank 0 alone, which ZeRO-3 ({path}) cannot do "
+            f"with {world_size} ranks; set validation.cider=false, or train.ds_config=zero2_bf16"
+        )
