@@ -418,3 +418,31 @@ def test_mfu_divides_all_ranks_flops_by_ranks_time_and_peak():
     assert out["mfu"] == pytest.approx(0.30)
     assert out["hfu"] == pytest.approx(0.40)
     assert throughput(2.4e15, 3.2e15, 2.0, 4, None)["mfu"] is None
+
+
+# ---- in a real run ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_two_rank_run_logs_tflops_and_mfu_per_gpu(tmp_path_factory):
+    """Stage 0 (LM checkpointed: hardware > model FLOPs) on 2 gloo ranks with train.peak_tflops set: every
+    record's per-GPU TFLOP/s is the all-rank model FLOPs over (step time x 2), MFU that over the peak, and the
+    progress bar and the start-up line show them."""
+    from train_fixtures import read_metrics, run_training, tiny_stage_config, train_data, write_config
+
+    base = tmp_path_factory.getbasetemp()
+    data = train_data(base)
+    root = tmp_path_factory.mktemp("mfu_run")
+    cfg = tiny_stage_config(
+        0, data, max_steps=3, save_every=0, global_batch_size=4, micro_batch_size=1,
+        train={"engine": "fsdp", "peak_tflops": 0.5},
+    )  # fmt: skip
+    job = run_training([write_config(cfg, root / "stage0.json")], root / "run", ranks=2)
+    records = read_metrics(root / "run" / "stage0" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["hardware_flops"] > r["model_flops"] > 0
+        assert r["tflops_per_gpu"] == pytest.approx(r["model_flops"] / (r["step_time_s"] * 2) / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.5)
+        assert r["hfu"] == pytest.approx(r["hardware_flops"] / (r["step_time_s"] * 2) / 1e12 / 0.5)
+    log = job.output()
+    assert "MFU against 0.5 TFLOP/s per GPU (train.peak_tflops)" in log
+    assert "TFLOP/s/GPU MFU" in log

@@ -194,11 +194,13 @@ class BatchLayout:
         """From a collated CPU batch (padded or packed rows; vlmtrain.data.collate's layout). No device sync."""
         sids = batch["sample_ids"]
         flags = batch["image_flags"].bool()
-        real = sids > 0
-        rows = torch.arange(sids.shape[0])[:, None].expand_as(sids)
-        key = (rows * (int(sids.max()) + 1 if sids.numel() else 1) + sids)[real]  # one id per (row, sample)
-        _, inverse, lengths = torch.unique(key, return_inverse=True, return_counts=True)
-        image = torch.zeros_like(lengths).index_add_(0, inverse, flags[real].long())
+        # one key per (row, sample id), padding included and dropped after: cheaper than boolean indexing
+        width = int(sids.max()) + 1 if sids.numel() else 1
+        key = (torch.arange(sids.shape[0])[:, None] * width + sids).flatten()
+        uniq, inverse, lengths = torch.unique(key, return_inverse=True, return_counts=True)
+        image = torch.bincount(inverse, weights=flags.flatten().double(), minlength=uniq.numel()).long()
+        real = uniq % width != 0
+        lengths, image = lengths[real], image[real]
         pixels = batch.get("pixel_values")
         return cls(
             samples=tuple(zip(lengths.tolist(), image.tolist(), strict=True)),
