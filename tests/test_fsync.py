@@ -20,9 +20,10 @@ from vlmtrain.config.load import load_stage_config
 from vlmtrain.dist import DistContext
 from vlmtrain.models.freeze import apply_trainability
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME
+from vlmtrain.precision import PrecisionPolicy
 from vlmtrain.train import checkpoint as ckpt
 from vlmtrain.train.engines.base import EngineState
-from vlmtrain.train.trainer import DONE_MARKER, FINAL, Trainer
+from vlmtrain.train.trainer import DONE_MARKER, FINAL, PRECISION_NAME, Trainer
 
 WORLD_OF_ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -121,7 +122,9 @@ def test_checkpoint_files_and_folder_are_fsynced_before_complete(tmp_path, monke
 
 
 class GatheredState:
-    """The one engine method `_write_output` calls: the trainable parameters as full fp32 tensors."""
+    """What `_write_output` reads of an engine: the trainable parameters as full fp32 tensors, and its policy."""
+
+    precision = PrecisionPolicy.for_precision("bf16")
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.params = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -144,7 +147,14 @@ def test_stage_output_files_and_folder_are_fsynced_before_the_marker(
     out = trainer._write_output(GatheredState(tiny_model), frozen)
 
     assert out == stage_dir / FINAL
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "stage_config.json", "tokenizer.json", DONE_MARKER):
+    for name in (
+        WEIGHTS_NAME,
+        CONFIG_NAME,
+        "stage_config.json",
+        PRECISION_NAME,
+        "tokenizer.json",
+        DONE_MARKER,
+    ):
         assert (out / name).is_file(), name
     assert_folder_durable_before_marker(rec, out, DONE_MARKER)
     renamed = rec.index("replace", out)

@@ -186,6 +186,42 @@ def train(
         run_stages(stages, run_dir, ctx, resume=resume == "auto")
 
 
+@app.command()
+def plan(
+    stage: list[str] = typer.Option(
+        [], "--stage", "-s", help="Shipped stage(s) to plan: 3, 0-3 or 0,1,2,3 (default 0-3). Repeatable."
+    ),
+    config: list[Path] = typer.Option(
+        [], "--config", "-c", help="Stage config JSON file(s), after the presets."
+    ),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs the job runs on (ZeRO-2 shards over them)."),
+    gpu: str = typer.Option(
+        "A800", "--gpu", help="GPU of the peak table (A800, H100, H100 PCIe, H200, ...)."
+    ),
+    mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation the estimate assumes."),
+    peak_tflops: float | None = typer.Option(
+        None, "--peak-tflops", help="Dense TFLOP/s of one GPU, instead of the table's."
+    ),
+    text_tokens: list[str] = typer.Option(
+        [], "--text-tokens", help="STAGE=PROMPT,ANSWER text tokens per sample, replacing the estimate."
+    ),
+) -> None:
+    """Per stage: samples, steps, tokens, FLOPs, GPU-hours and memory per GPU, before anything runs."""
+    from vlmtrain.config.load import ConfigError, load_stage_config
+    from vlmtrain.config.schema import ValidationError
+    from vlmtrain.train.plan import parse_text_tokens, plan_stages, plan_tables
+
+    try:
+        stages = [load_stage_config(stage=s) for s in _parse_stage_list(stage or ([] if config else ["0-3"]))]
+        stages += [load_stage_config(config=c) for c in config]
+        texts = parse_text_tokens(text_tokens)
+        plans, name, peak = plan_stages(stages, gpus, gpu, mfu, texts, peak_tflops)
+    except (ConfigError, ValidationError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+    for table in plan_tables(plans, gpus, name, peak, mfu):
+        console.print(table)
+
+
 eval_app = typer.Typer(
     help="Evaluate a trained model: captioning metrics or VQA accuracy.", no_args_is_help=True
 )

@@ -238,6 +238,8 @@ class TrainConfig:
     """Stop with an error after this many consecutive non-finite steps."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one GPU that the logged MFU divides by; None: looked up from the GPU's name in vlmtrain/train/flops.py (bf16 on CUDA; on CPU, an unknown GPU or fp32 compute the MFU is null and TFLOP/s alone is logged)."""
 
     def validate(self, path: str) -> None:
         _require(self.epochs > 0, f"{path}.epochs", "must be > 0")
@@ -247,6 +249,12 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", "must be >= 1")
         _require(self.log_every >= 1, f"{path}.log_every", "must be >= 1")
         _require(self.max_bad_steps >= 1, f"{path}.max_bad_steps", "must be >= 1")
+        if self.peak_tflops is not None:
+            _require(
+                self.peak_tflops > 0,
+                f"{path}.peak_tflops",
+                f"must be > 0 (TFLOP/s of one GPU, e.g. 989 for an H100 SXM), got {self.peak_tflops}",
+            )
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 from vlmtrain.train import checkpoint as ckpt
 from vlmtrain.train.engines import Engine, make_engine
+from vlmtrain.train.flops import FlopCount, StepFlopModel, resolve_peak_tflops, throughput
 from vlmtrain.train.optim import build_param_groups
 from vlmtrain.train.validation import Validator
 
@@ -198,12 +199,17 @@ class Trainer:
         optimizer sees the token mean of the whole step. The logged loss is that same token mean.
         """
         raws = [next(batches) for _ in range(engine.accumulation_steps)]
+        flops = self._step_flops(raws)
         local = [
             sum(count_supervised(r["labels"], r["sample_ids"]) for r in raws),
             sum(int(r["num_tokens"]) for r in raws),
             sum(int(r["num_samples"]) for r in raws),
+            flops.model,
+            flops.hardware,
         ]
-        label_tokens, tokens, samples = (int(v) for v in sum_over_ranks([float(v) for v in local]))
+        # FLOPs ride on the count's all-reduce (float64: exact to 2^53 FLOPs per step)
+        *counts, model_flops, hardware_flops = sum_over_ranks([float(v) for v in local])
+        label_tokens, tokens, samples = (int(v) for v in counts)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         result = None
         for micro, raw in enumerate(raws):
@@ -224,7 +230,16 @@ class Trainer:
             "label_tokens": label_tokens,
             "skipped": result.skipped,
             "grad_norm": result.grad_norm,
+            "model_flops": model_flops,  # the step's, over all ranks (vlmtrain.train.flops)
+            "hardware_flops": hardware_flops,
         }
+
+    def _step_flops(self, raws: list[dict[str, Any]]) -> FlopCount:
+        """This rank's FLOPs of a step, from its CPU batches. The FLOP model is read off the model at the first
+        step, once trainability, checkpointing and train mode are what training runs with."""
+        if getattr(self, "_flop_model", None) is None:
+            self._flop_model = StepFlopModel.from_model(self.model, self.stage.mask.mode)
+        return self._flop_model(raws)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _trainer_state(self, loader: Any, step: int, counters: dict[str, int]) -> dict[str, Any]:
@@ -302,6 +317,10 @@ class Trainer:
         self.model.train()
         engine = self._build_engine()
         self.console.print(f"{stage.name}: {engine.precision.describe()}")
+        peak, peak_source = resolve_peak_tflops(
+            stage.train.peak_tflops, self.ctx.device, stage.train.precision
+        )
+        self.console.print(f"{stage.name}: MFU against {peak_source}")
         counters = {"skipped_nonfinite": 0, "bad_streak": 0}
         start, reader_state = 0, None
         if latest is not None:
@@ -360,6 +379,9 @@ class Trainer:
                         "tokens_per_s": info["tokens"] / dt,
                         "samples_per_s": info["samples"] / dt,
                         "step_time_s": dt,
+                        **throughput(
+                            info["model_flops"], info["hardware_flops"], dt, self.ctx.world_size, peak
+                        ),
                     }
                     if step % stage.train.log_every == 0 or step == self.total_steps:
                         # data_skipped (by reason) and corrupt_shards of the whole job, not rank 0's alone
@@ -419,7 +441,9 @@ class Trainer:
             f"{k.split('.')[0][:4]}={v:.1e}" for k, v in record["lr"].items() if "no_decay" not in k
         )
         skipped = " [red]SKIPPED[/]" if record["skipped"] else ""
+        mfu = f"MFU {record['mfu']:.1%}" if record.get("mfu") is not None else "MFU n/a"
         return (
             f"loss {record['loss']:.4f} {lrs} {record['tokens_per_s']:.0f} tok/s "
-            f"{record['samples_per_s']:.1f} samples/s{skipped}"
+            f"{record['samples_per_s']:.1f} samples/s "
+            f"{record.get('tflops_per_gpu', 0.0):.3g} TFLOP/s/GPU {mfu}{skipped}"
         )

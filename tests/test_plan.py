@@ -1,0 +1,187 @@
+"""`vlmtrain plan` (vlmtrain/train/plan.py) against hand counts for the shipped presets.
+
+The hand counts are independent of the FLOP model: steps from the docs' figures (floor(samples / 128)), tokens
+from the stated per-sample estimate, FLOPs from the weight sizes of every nn.Linear / Conv2d of the (meta-device)
+model times the tokens that go through it, memory from the precision policy's bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vlmtrain.cli import app
+from vlmtrain.config.load import load_stage_config
+from vlmtrain.train.plan import (
+    PAPER_DATASETS,
+    meta_model,
+    parse_text_tokens,
+    plan_stages,
+    words_to_tokens,
+)
+
+STAGES = [load_stage_config(stage=i) for i in range(4)]
+DOCS_STEPS = {"stage0": 924, "stage1": 924, "stage2": 4360, "stage3": 6088}  # docs/training.md, The recipe
+P = 256  # image tokens of so400m at 224 px, patch 14
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """The four presets on one A800 at 40% MFU, from a folder without shards (the paper's sizes)."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("no_shards"))
+    try:
+        return plan_stages(STAGES, 1, "A800", 0.4)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return meta_model(STAGES[0].model)
+
+
+def test_samples_steps_and_tokens_are_the_hand_count(plans):
+    result, gpu, peak = plans
+    assert (gpu, peak) == ("A800", 312.0)
+    for plan, stage in zip(result, STAGES, strict=True):
+        data = PAPER_DATASETS[stage.data.dataset]
+        assert (plan.samples, plan.samples_source) == (data.samples, "paper")
+        assert plan.steps == DOCS_STEPS[stage.name] == math.floor(data.samples * 1 / 128)
+        assert plan.accumulation == 16  # 128 / (8 x 1 GPU)
+    # per sample: 256 image tokens + system (20) + image newline (1) + 9 per turn + words x 1.3 (half up)
+    coco = 256 + 20 + 1 + 9 + 7 + (94 + 1)  # prompt `Describe the image in detail.`: 5 words; caption 72
+    blip = 256 + 20 + 1 + 9 + 7 + (91 + 1)  # caption 70 words
+    nxt = 256 + 20 + 1 + 27 + 44 + (40 + 3)  # 3 turns, 34 question and 31 answer words
+    assert [p.sample_tokens for p in result] == [coco, coco, blip, nxt]
+    for plan in result:
+        assert plan.tokens == plan.steps * 128 * plan.sample_tokens
+    assert words_to_tokens(5) == 7 and words_to_tokens(72) == 94
+
+
+def _linear_params(module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def hand_flops(vlm, stage, sample_tokens: int, supervised: int, samples: int) -> int:
+    """2 x weight size x tokens per matmul weight, x (1 + input grad + weight grad), plus the attention pairs."""
+    trains = {g: stage.modules[g].trainable for g in ("vision", "projector", "language")}
+    vis, proj, lm = vlm.vision, vlm.projector, vlm.language
+    v_cfg, l_cfg = vis.config, lm.config
+    # vision: encoder linears on 256 tokens; patch conv on 256 patches; every layer forward, backward if trained
+    vis_w = _linear_params(vis.encoder)
+    patch_w = vis.embeddings.patch_embedding.weight.numel()
+    vis_pairs = 4 * v_cfg.hidden_size * P * P * v_cfg.num_hidden_layers
+    vision = 2 * vis_w * P + 2 * patch_w * P + vis_pairs
+    if trains["vision"]:
+        vision += 2 * (2 * vis_w * P + vis_pairs) + 2 * patch_w * P  # pixels need no gradient
+    w1, w2 = proj.linear_1.weight.numel(), proj.linear_2.weight.numel()
+    projector = 2 * (w1 + w2) * P
+    projector += 2 * (w1 + w2) * P * trains["projector"] + 2 * w2 * P + 2 * w1 * P * trains["vision"]
+    # language: decoder linears on every token; head on supervised ones; prefix mask pairs
+    lm_w = _linear_params(lm.model)
+    text = sample_tokens - P
+    pairs = {"bidirectional": sample_tokens**2, "prefix": P * sample_tokens + text * (text + 1) // 2}
+    lm_pairs = 4 * l_cfg.hidden_size * pairs[stage.mask.mode] * l_cfg.num_hidden_layers
+    head_w = lm.lm_head.weight.numel()
+    passes = 2 + trains["language"]  # forward + input grads (+ weight grads)
+    language = passes * 2 * lm_w * sample_tokens + 3 * lm_pairs + passes * 2 * head_w * supervised
+    return (vision + projector + language) * samples
+
+
+def test_flops_are_the_hand_count_from_weight_sizes(plans, vlm):
+    for plan, stage in zip(plans[0], STAGES, strict=True):
+        expected = hand_flops(vlm, stage, plan.sample_tokens, plan.supervised_per_sample, plan.steps * 128)
+        assert plan.flops.model == expected, stage.name
+        assert plan.gpu_hours == pytest.approx(expected / (0.4 * 312e12) / 3600)
+        assert plan.wall_hours == plan.gpu_hours
+
+
+def test_six_pt_brackets_the_model_flops(plans):
+    """6·P·T with every parameter overstates a frozen stage (stages 0-1: the LM and tower get no weight
+    gradients; 0.3-0.5x), 6·P·T with the trainable ones (the projector) understates it by 100x+; with everything
+    training (stages 2-3) the model is 0.6-1.0x 6·P·T: the tower sees only the 256 image tokens, the embedding
+    matrix costs no matmul and the head runs at the supervised positions only."""
+    for plan in plans[0]:
+        ratio = plan.flops.model / plan.six_pt_all
+        if plan.name in ("stage0", "stage1"):
+            assert plan.trainable == 1_836_800  # the projector (docs/architecture.md)
+            assert 0.3 < ratio < 0.5
+            assert plan.flops.model > 100 * plan.six_pt_trainable
+        else:
+            assert 0.6 < ratio < 1.0
+        assert plan.params == 412_442_352 + 1_836_800 + 494_032_768  # docs/architecture.md
+
+
+def test_memory_is_the_precision_policy_per_gpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one, _, _ = plan_stages(STAGES, 1, "H100", 0.4)
+    eight, _, _ = plan_stages(STAGES, 8, "H100", 0.4)
+    for a, b in zip(one, eight, strict=True):
+        assert a.memory.weights == b.memory.weights == 2 * a.params  # bf16 copies everywhere
+        assert a.memory.gradients == 4 * a.trainable and b.memory.gradients == 4 * a.trainable // 8
+        assert a.memory.optimizer == 12 * a.trainable and b.memory.optimizer == 12 * a.trainable // 8
+        assert a.memory.activations == b.memory.activations
+    # stage 0 activations by hand: the LM checkpointed (24 layer inputs, one layer's full set) on 8 rows x 768,
+    # and the head's 12 bytes per logit on the supervised share of those tokens; the frozen tower keeps nothing
+    tokens = 8 * 768
+    per_token_layer = 4 * 896 + 896 + 2 * 128 + 896 + 4 * 4864
+    lm = 24 * 896 * 2 * tokens + per_token_layer * 2 * tokens
+    supervised = int(tokens * (95 / 388))
+    assert one[0].memory.activations == lm + supervised * 151_936 * 12
+
+
+def test_samples_come_from_the_manifest_when_shards_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "shards" / "coco_recap118k"
+    folder.mkdir(parents=True)
+    from vlmtrain.data.shard import FORMAT_VERSION
+
+    shards = [
+        {"name": f"train-{i:05d}.tar", "samples": 700, "bytes": 1, "sha256": "0" * 64} for i in range(2)
+    ]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "samples": 1400,
+        "skipped": {},
+        "shards": shards,
+        "source": {},
+        "options": {},
+        "vlmtrain_version": "test",
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    plans, _, _ = plan_stages(STAGES[:1], 1, "A800", 0.4)
+    assert (plans[0].samples, plans[0].samples_source, plans[0].steps) == (1400, "manifest", 10)
+
+
+def test_text_token_override_and_bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_text_tokens(["3=100,300", "stage0=10,20"]) == {"stage3": (100, 300), "stage0": (10, 20)}
+    plans, _, _ = plan_stages(STAGES, 1, "A800", 0.4, parse_text_tokens(["3=100,300"]))
+    assert plans[3].sample_tokens == 256 + 400 and plans[3].supervised_per_sample == 300
+    with pytest.raises(ValueError, match="STAGE=PROMPT,ANSWER"):
+        parse_text_tokens(["stage3=100"])
+    with pytest.raises(ValueError, match="not in the table"):
+        plan_stages(STAGES, 1, "Voodoo 3", 0.4)
+    assert plan_stages(STAGES[:1], 1, "Voodoo 3", 0.4, peak_tflops=100.0)[2] == 100.0
+    with pytest.raises(ValueError, match="divisible"):
+        plan_stages(STAGES, 3, "A800", 0.4)  # 128 / (8 x 3) does not divide
+
+
+def test_cli_help_and_a_run_without_shards(tmp_path, monkeypatch):
+    runner = CliRunner()
+    assert runner.invoke(app, ["plan", "--help"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "220")
+    result = runner.invoke(app, ["plan", "--stage", "0-3", "--gpus", "8", "--gpu", "H100"])
+    assert result.exit_code == 0, result.output
+    for text in ("8 x H100 SXM", "118,287 (paper)", "4,360", "6,088", "memory per GPU"):
+        assert text in result.output
+    bad = runner.invoke(app, ["plan", "--gpu", "Voodoo 3"])
+    assert bad.exit_code == 1 and "not in the table" in bad.output

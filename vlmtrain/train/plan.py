@@ -1,0 +1,507 @@
+"""`vlmtrain plan`: what stages cost before they run: samples, steps, tokens, FLOPs, GPU-hours, memory per GPU.
+
+Nothing is downloaded or loaded: the model is built on the meta device from its configs (the shipped presets'
+checkpoints have their config.json values here), FLOPs come from the trainer's own FLOP model
+(vlmtrain.train.flops) on micro-batches of the dataset's average sample, and memory follows the precision
+policy (vlmtrain.precision) under ZeRO-2. Every assumed number is a named constant with its source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from vlmtrain.config.schema import ModelConfig, StageConfig
+from vlmtrain.train.flops import (
+    BatchLayout,
+    FlopCount,
+    Flops,
+    ModelShape,
+    StackShape,
+    StepSetup,
+    gpu_peak_tflops,
+    step_flops,
+)
+
+# ---- the paper's data, as token counts -------------------------------------------------------------------
+TOKENS_PER_WORD = 1.3
+"""English words to BPE tokens: the common rule of thumb (about 0.75 words per token) for 100k+-vocabulary BPEs."""
+SYSTEM_TOKENS = 20
+"""Qwen2.5's chat template adds its default system turn, `<|im_start|>system\\nYou are Qwen, created by Alibaba
+Cloud. You are a helpful assistant.<|im_end|>\\n`: 20 tokens."""
+TURN_TOKENS = 9
+"""Per question-answer turn: `<|im_start|>user\\n` (3), `<|im_end|>\\n` (2), `<|im_start|>assistant\\n` (3) and the
+newline after the answer's `<|im_end|>` (1); that `<|im_end|>` itself is supervised and counted with the answer."""
+IMAGE_NEWLINE_TOKENS = 1
+"""The newline after the `<image>` placeholder in the first user turn."""
+
+
+@dataclass(frozen=True)
+class DatasetEstimate:
+    """A dataset's size and its average sample in words, with where each number comes from."""
+
+    samples: int
+    question_words: float  # per sample, all turns
+    answer_words: float  # per sample, all turns (the supervised text)
+    turns: int
+    source: str
+
+    def text_tokens(self) -> tuple[int, int]:
+        """(unsupervised, supervised) text tokens of the average sample, chat template included."""
+        prompt = (
+            SYSTEM_TOKENS
+            + IMAGE_NEWLINE_TOKENS
+            + self.turns * TURN_TOKENS
+            + words_to_tokens(self.question_words)
+        )
+        return prompt, words_to_tokens(self.answer_words) + self.turns
+
+
+def words_to_tokens(words: float) -> int:
+    """words x TOKENS_PER_WORD, rounded half up."""
+    return math.floor(words * TOKENS_PER_WORD + 0.5)
+
+
+PAPER_DATASETS: dict[str, DatasetEstimate] = {
+    "COCO-118k-Recap": DatasetEstimate(
+        118_287,
+        5,
+        72,
+        1,
+        "samples: COCO train2017 / LLaVA-ReCap-118K (data_prep/README.md); caption: the 72-word example of the "
+        "paper's Table III; prompt: `Describe the image in detail.`",
+    ),
+    "BLIP558k-Recap": DatasetEstimate(
+        558_128,
+        5,
+        70,
+        1,
+        "samples: LLaVA-ReCap-558K (data_prep/README.md); caption: the 70-word example of the paper's Table III",
+    ),
+    "LLaVA-Next-790k": DatasetEstimate(
+        779_289,
+        34,
+        31,
+        3,
+        "samples: LLaVA-NeXT-Data records (data_prep/README.md); turns and words: the paper's Table III example "
+        "(3 turns, 34 question and 31 answer words)",
+    ),
+}
+"""The paper's datasets (Section III-C, Table III). Table III's examples are excerpts, so the text lengths are
+likely low: `--text-tokens` replaces them (docs/plan.md says what twice the text would cost)."""
+
+# ---- the shipped presets' checkpoints, as their config.json files give them --------------------------------
+KNOWN_VISION = {
+    "google/siglip-so400m-patch14-224": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+    }
+}
+KNOWN_LANGUAGE = {
+    "Qwen/Qwen2.5-0.5B": {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    }
+}
+
+# ---- memory model -----------------------------------------------------------------------------------------
+BF16, FP32 = 2, 4
+HEAD_BYTES_PER_LOGIT = 12
+"""Peak bytes per (supervised token, vocabulary entry) of today's loss path: bf16 logits, their fp32 copy, the fp32
+log-softmax cross-entropy saves and its gradient. Measured (issue 12, CPU): 5.3 GiB above the model for 3,072
+supervised tokens at Qwen's 151,936 x 896 head, 12.2 bytes each."""
+PAPER_A800_HOURS = {"stage0": 1.0, "stage1": 1.0, "stage2": 12.0}
+"""Section IV-A of the paper: one A800 80GB; stage 0 1 h, stage 1 1 h, stage 2 4 + 8 h (14 h; stage 3 not timed)."""
+
+
+def activation_elements_per_token(stack: StackShape) -> int:
+    """bf16 elements one layer keeps for backward per token, weights trainable (an upper bound for frozen ones).
+
+    Both norms' inputs and outputs (4 x hidden), q, k, v after the rotary embedding (SDPA saves them), the
+    attention output (o_proj's input), and the MLP: gate, up, act(gate) and their product (SwiGLU, 4 x
+    intermediate) or fc1's output and GELU's (2 x intermediate).
+    """
+    q, kv = stack.heads * stack.head_dim, stack.kv_heads * stack.head_dim
+    mlp = (4 if stack.gated_mlp else 2) * stack.intermediate
+    return 4 * stack.hidden + q + 2 * kv + q + mlp
+
+
+def stack_activation_bytes(stack: StackShape, layers: int, checkpointed: int, tokens: int) -> int:
+    """Saved activations of `layers` layers of which `checkpointed` keep only their input (plus one layer's full
+    set, rebuilt while its backward runs)."""
+    full = activation_elements_per_token(stack) * BF16 * tokens
+    kept = checkpointed * stack.hidden * BF16 * tokens + (layers - checkpointed) * full
+    return kept + (full if checkpointed else 0)
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU."""
+
+    weights: int  # bf16 compute copies of every parameter (frozen ones too), on every rank
+    gradients: int  # fp32, trainable only, ZeRO-2 partition
+    optimizer: int  # fp32 masters + AdamW's two fp32 moments, trainable only, ZeRO-2 partition
+    activations: int  # one micro-batch, at the longest row it can have
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    dataset: str
+    samples: int
+    samples_source: str  # "manifest" or "paper"
+    steps: int
+    accumulation: int
+    sample_tokens: int  # LM tokens of the average sample (image included)
+    supervised_per_sample: int
+    tokens: int  # LM tokens of the whole stage
+    flops: FlopCount  # of the whole stage
+    params: int
+    trainable: int
+    gpu_hours: float
+    wall_hours: float
+    memory: Memory
+
+    @property
+    def six_pt_all(self) -> float:
+        return 6.0 * self.params * self.tokens
+
+    @property
+    def six_pt_trainable(self) -> float:
+        return 6.0 * self.trainable * self.tokens
+
+
+def meta_model(model: ModelConfig) -> Any:
+    """The VLM on the meta device (no memory, no weights): exact parameter counts and the FLOP model's shapes."""
+    from transformers import AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vlmtrain.models.language import language_config_from_dict
+    from vlmtrain.models.projector import Projector
+    from vlmtrain.models.vlm import VisionLanguageModel
+
+    vision_cfg = SiglipVisionConfig(**{**_vision_dict(model), "vision_use_head": False})
+    language_cfg = language_config_from_dict(_language_dict(model))
+    with torch.device("meta"):
+        vision = SiglipVisionModel(vision_cfg)
+        language = AutoModelForCausalLM.from_config(language_cfg)
+        projector = Projector(vision_cfg.hidden_size, language_cfg.hidden_size, model.projector_hidden_act)
+    return VisionLanguageModel(vision, projector, language, 0, model.vision_feature_layer)
+
+
+def _vision_dict(model: ModelConfig) -> dict[str, Any]:
+    if model.vision_config is not None:
+        return dict(model.vision_config)
+    return _known_or_local(model.vision, KNOWN_VISION, "vision")
+
+
+def _language_dict(model: ModelConfig) -> dict[str, Any]:
+    if model.language_config is not None:
+        return dict(model.language_config)
+    return _known_or_local(model.language, KNOWN_LANGUAGE, "language")
+
+
+def _known_or_local(name: str | None, known: Mapping[str, dict[str, Any]], part: str) -> dict[str, Any]:
+    if name in known:
+        return dict(known[name])
+    config = Path(str(name)) / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        return data.get("vision_config", data) if part == "vision" else data
+    raise ValueError(
+        f"model.{part}: plan knows the shapes of {sorted(known)} and of local checkpoint directories; "
+        f"{name!r} is neither (give model.{part}_config, or a directory with a config.json)"
+    )
+
+
+def resolve_model(stage: StageConfig, stages: Mapping[str, StageConfig]) -> ModelConfig:
+    """The model a stage trains: its own block, or through `init_from` that of the stage (or saved model) it
+    starts from: a stage of this plan, a shipped preset of that name, or a model directory."""
+    seen = []
+    while stage.init_from is not None:
+        if stage.init_from in seen:
+            raise ValueError(f"init_from loops through {seen}")
+        seen.append(stage.init_from)
+        saved = Path(stage.init_from) / "vlm_config.json"
+        if stage.init_from in stages:
+            stage = stages[stage.init_from]
+        elif saved.is_file():
+            cfg = json.loads(saved.read_text())
+            return ModelConfig(
+                vision=None,
+                vision_config=cfg["vision_config"],
+                language=None,
+                language_config=cfg["language_config"],
+                vision_feature_layer=cfg["vision_feature_layer"],
+                projector_hidden_act=cfg["projector"]["act"],
+            )
+        else:
+            from vlmtrain.config.load import ConfigError, load_stage_config
+
+            try:
+                stage = load_stage_config(stage=stage.init_from)
+            except ConfigError:
+                raise ValueError(
+                    f"stage {stage.name}: init_from={stage.init_from!r} is neither a stage of this plan, a shipped "
+                    "preset nor a saved model directory"
+                ) from None
+    return stage.model
+
+
+def stage_samples(stage: StageConfig) -> tuple[int, str]:
+    """(samples, "manifest") from the stage's shard manifest when it exists, else (the paper's size, "paper")."""
+    from vlmtrain.data.shard import load_manifest
+
+    train = Path(stage.data.train)
+    if train.name.endswith(".json") and train.is_file():
+        return int(load_manifest(train)["samples"]), "manifest"
+    if stage.data.dataset in PAPER_DATASETS:
+        return PAPER_DATASETS[stage.data.dataset].samples, "paper"
+    raise ValueError(
+        f"stage {stage.name}: no manifest at {stage.data.train} and {stage.data.dataset!r} is not one of the "
+        f"paper's datasets {sorted(PAPER_DATASETS)}; write the shards first (vlmtrain shard)"
+    )
+
+
+def checkpointed_groups(stage: StageConfig) -> tuple[bool, bool]:
+    """(vision, language) recomputed in backward, as the trainer enables it for `train.gradient_checkpointing`.
+
+    True: the LM whenever anything trains, the tower when it trains (Trainer._enable_checkpointing). Any other
+    policy value is read as the `auto` rule of issue 12: recompute only a group that trains.
+    """
+    policy = stage.train.gradient_checkpointing
+    vision_trains, language_trains = stage.modules["vision"].trainable, stage.modules["language"].trainable
+    if policy is True:
+        return vision_trains, True
+    if policy is False:
+        return False, False
+    return vision_trains, language_trains
+
+
+def plan_stage(
+    stage: StageConfig,
+    model: ModelConfig,
+    gpus: int,
+    peak_tflops: float,
+    mfu: float,
+    text_tokens: tuple[int, int] | None = None,
+) -> StagePlan:
+    """One stage's figures on `gpus` GPUs of `peak_tflops` at `mfu`; `text_tokens` = (unsupervised, supervised)
+    per sample overrides the dataset estimate."""
+    vlm = meta_model(model)
+    for name, group in vlm.module_groups().items():
+        group.requires_grad_(stage.modules[name].trainable)
+    for p in vlm.unused_parameters():
+        p.requires_grad_(False)
+    params = sum(p.numel() for p in vlm.parameters())
+    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+    samples, source = stage_samples(stage)
+    steps = stage.train.max_steps or math.floor(samples * stage.train.epochs / stage.batch.global_batch_size)
+    accumulation = stage.batch.accumulation_steps(gpus)
+    if text_tokens is None:
+        estimate = PAPER_DATASETS.get(stage.data.dataset)
+        if estimate is None:
+            raise ValueError(
+                f"stage {stage.name}: no text-length estimate for {stage.data.dataset!r}; pass --text-tokens"
+            )
+        text_tokens = estimate.text_tokens()
+    unsupervised, supervised = text_tokens
+    image = vlm.num_image_tokens
+    sample_tokens = image + unsupervised + supervised
+
+    shape = ModelShape.from_model(vlm)
+    vision_ckpt, language_ckpt = checkpointed_groups(stage)
+    setup = StepSetup(
+        mask_mode=stage.mask.mode,
+        vision_trains=stage.modules["vision"].trainable,
+        projector_trains=stage.modules["projector"].trainable,
+        language_trains=stage.modules["language"].trainable,
+        vision_checkpointed=shape.vision_layers_used if vision_ckpt else 0,
+        language_checkpointed=shape.language.layers if language_ckpt else 0,
+    )
+    micro = stage.batch.micro_batch_size
+    layout = BatchLayout(((sample_tokens, image),) * micro, images=micro, supervised=micro * supervised)
+    per_step = step_flops(shape, setup, [layout] * (stage.batch.global_batch_size // micro))
+    flops = FlopCount(
+        {
+            p: Flops(f.forward * steps, f.backward * steps, f.recompute * steps)
+            for p, f in per_step.parts.items()
+        }
+    )
+    gpu_hours = flops.model / (mfu * peak_tflops * 1e12) / 3600
+
+    row = stage.data.pack_length or stage.data.max_length
+    tokens_in_row = micro * row
+    acts = stack_activation_bytes(
+        shape.language, shape.language.layers, setup.language_checkpointed, tokens_in_row
+    )
+    if setup.vision_trains:
+        acts += stack_activation_bytes(
+            shape.vision, shape.vision_layers_used, setup.vision_checkpointed, micro * image
+        )
+    supervised_share = supervised / sample_tokens
+    acts += int(tokens_in_row * supervised_share) * shape.vocab * HEAD_BYTES_PER_LOGIT
+    memory = Memory(
+        weights=BF16 * params,
+        gradients=FP32 * trainable // gpus,
+        optimizer=3 * FP32 * trainable // gpus,
+        activations=acts,
+    )
+    return StagePlan(
+        name=stage.name,
+        dataset=stage.data.dataset,
+        samples=samples,
+        samples_source=source,
+        steps=steps,
+        accumulation=accumulation,
+        sample_tokens=sample_tokens,
+        supervised_per_sample=supervised,
+        tokens=steps * stage.batch.global_batch_size * sample_tokens,
+        flops=flops,
+        params=params,
+        trainable=trainable,
+        gpu_hours=gpu_hours,
+        wall_hours=gpu_hours / gpus,
+        memory=memory,
+    )
+
+
+def plan_stages(
+    stages: Sequence[StageConfig],
+    gpus: int,
+    gpu: str,
+    mfu: float,
+    text_tokens: Mapping[str, tuple[int, int]] | None = None,
+    peak_tflops: float | None = None,
+) -> tuple[list[StagePlan], str, float]:
+    """Plans of `stages` in order, the GPU's name and its peak; `text_tokens` by stage name."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if peak_tflops is None:
+        found = gpu_peak_tflops(gpu)
+        if found is None:
+            from vlmtrain.train.flops import GPU_PEAK_TFLOPS
+
+            known = ", ".join(label for _, label, _ in GPU_PEAK_TFLOPS)
+            raise ValueError(f"--gpu {gpu!r} is not in the table ({known}); pass --peak-tflops")
+        gpu, peak_tflops = found
+    by_name = {s.name: s for s in stages}
+    texts = text_tokens or {}
+    plans = [
+        plan_stage(s, resolve_model(s, by_name), gpus, peak_tflops, mfu, texts.get(s.name)) for s in stages
+    ]
+    return plans, gpu, peak_tflops
+
+
+# ---- printing ---------------------------------------------------------------------------------------------
+def _si(x: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def plan_tables(plans: Sequence[StagePlan], gpus: int, gpu: str, peak: float, mfu: float) -> list[Table]:
+    compute = Table(
+        title=f"vlmtrain plan: {gpus} x {gpu} ({peak:g} dense bf16 TFLOP/s each) at {mfu:.0%} MFU"
+    )
+    for col in (
+        "stage",
+        "data",
+        "samples",
+        "steps",
+        "tokens",
+        "model FLOPs",
+        "6PT all",
+        "6PT trainable",
+        "GPU-h",
+        "wall h",
+    ):
+        compute.add_column(col, justify="left" if col in ("stage", "data") else "right")
+    for p in plans:
+        compute.add_row(
+            p.name,
+            p.dataset,
+            f"{p.samples:,} ({p.samples_source})",
+            f"{p.steps:,}",
+            f"{_si(p.tokens)} ({p.sample_tokens}/sample)",
+            f"{_si(p.flops.model)}",
+            _si(p.six_pt_all),
+            _si(p.six_pt_trainable),
+            f"{p.gpu_hours:.2f}",
+            f"{p.wall_hours:.2f}",
+        )
+    total = sum(p.gpu_hours for p in plans)
+    flops = _si(sum(p.flops.model for p in plans))
+    compute.add_row("total", "", "", "", "", flops, "", "", f"{total:.2f}", f"{total / gpus:.2f}")
+    memory = Table(
+        title=f"memory per GPU (GiB), ZeRO-2 over {gpus} GPU(s), one micro-batch at its longest rows"
+    )
+    for col in (
+        "stage",
+        "params (trainable)",
+        "bf16 weights",
+        "fp32 grads",
+        "optimizer",
+        "activations",
+        "total",
+    ):
+        memory.add_column(col, justify="left" if col == "stage" else "right")
+    for p in plans:
+        m = p.memory
+        memory.add_row(
+            p.name,
+            f"{p.params / 1e6:.0f}M ({p.trainable / 1e6:.1f}M)",
+            _gib(m.weights),
+            _gib(m.gradients),
+            _gib(m.optimizer),
+            _gib(m.activations),
+            _gib(m.total),
+        )
+    return [compute, memory]
+
+
+def parse_text_tokens(values: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """`--text-tokens stage3=120,300` -> {"stage3": (120, 300)} (unsupervised, supervised text tokens per sample);
+    a bare stage number names the preset (`3=120,300`)."""
+    out: dict[str, tuple[int, int]] = {}
+    for value in values:
+        name, _, counts = value.partition("=")
+        parts = counts.split(",")
+        if not name or len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"--text-tokens {value!r}: expected STAGE=PROMPT,ANSWER, e.g. stage3=120,300")
+        key = f"stage{name}" if name.isdigit() else name
+        out[key] = (int(parts[0]), int(parts[1]))
+    return out
