@@ -101,3 +101,35 @@ def test_bad_inputs_are_rejected():
         attention_allowed("full", torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
         attention_allowed("prefix", torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "prefix", "causal"])
+def test_skipped_block_share_equals_flex_block_mask(mode):
+    """The share of skipped tiles equals what FlexAttention's own BlockMask keeps (its partial and full
+    blocks), on packed rows padded to the tile size."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from vlmtrain.models.masks import _allowed, skipped_block_share
+
+    rng = random.Random(3)
+    sample_ids, image_flags = random_layout(rng, 3, 48)
+    block = 16
+    share = skipped_block_share(mode, sample_ids, image_flags, block_size=block)
+
+    def mask_mod(b, h, q, k):
+        return _allowed(mode, sample_ids[b, q], sample_ids[b, k], image_flags[b, q], image_flags[b, k], q, k)
+
+    bm = create_block_mask(mask_mod, B=3, H=None, Q_LEN=48, KV_LEN=48, device="cpu", BLOCK_SIZE=block)
+    kept = int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum())
+    assert share == pytest.approx(1 - kept / (3 * 3 * 3))
+    # Brute force, tile by tile.
+    dense = brute_force(mode, sample_ids, image_flags)
+    tiles = [
+        dense[b, i : i + block, j : j + block].any()
+        for b in range(3)
+        for i in (0, 16, 32)
+        for j in (0, 16, 32)
+    ]
+    assert share == pytest.approx(1 - sum(map(bool, tiles)) / len(tiles))
+    if mode != "bidirectional":
+        assert share > 0

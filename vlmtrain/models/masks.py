@@ -101,6 +101,29 @@ def flex_block_mask(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=sids.device)
 
 
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile; the flex path pads sequences to a multiple of it
+
+
+def skipped_block_share(
+    mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE
+) -> float:
+    """Share of (query tile, key tile) pairs with no allowed pair: the tiles a block-sparse kernel skips.
+
+    Rows are padded to a multiple of `block_size` with padding tokens first, as the flex path lays batches
+    out. At real size (prefix mask, 256 image tokens + text, rows of 2,048) this is what FlexAttention saves
+    over a dense kernel; SDPA with a boolean mask computes every tile.
+    """
+    _check(mode, sample_ids, image_flags)
+    b, t = sample_ids.shape
+    padded = -(-t // block_size) * block_size
+    sids = torch.zeros(b, padded, dtype=sample_ids.dtype, device=sample_ids.device)
+    imgs = torch.zeros(b, padded, dtype=torch.bool, device=sample_ids.device)
+    sids[:, :t], imgs[:, :t] = sample_ids, image_flags.bool()
+    n = padded // block_size
+    tiles = attention_allowed(mode, sids, imgs).view(b, n, block_size, n, block_size).any(dim=4).any(dim=2)
+    return 1.0 - float(tiles.float().mean())
+
+
 def prepare_mask(
     backend: str, mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, dtype: torch.dtype
 ):

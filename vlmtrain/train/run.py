@@ -15,6 +15,7 @@ from vlmtrain.config.schema import ModelConfig, StageConfig
 from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
+from vlmtrain.models.masks import FLEX_BLOCK_SIZE
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
 from vlmtrain.train.init_check import (
     InitReference,
@@ -137,6 +138,8 @@ def make_loader_factory(
             shuffle=training,
             resample=training,
             pack_length=stage.data.pack_length,
+            # FlexAttention compiles per sequence length: tile-multiple lengths keep recompiles rare.
+            pad_to_multiple_of=FLEX_BLOCK_SIZE if model.attn_backend == "flex" else None,
             state=state,
             pin_memory=ctx.device.type == "cuda",
             open_shards=stage.data.open_shards,
