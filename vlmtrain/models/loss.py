@@ -144,18 +144,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         unit_grad_hidden = torch.empty_like(hidden) if hidden_grad else None
         for s in range(0, n, rows):
             e = min(s + rows, n)
-            # The arithmetic of log_softmax + nll_loss: x - max, then the log of the sum of exponentials.
-            logits = _chunk_logits(hidden[s:e], weight)  # [c, V] fp32
-            m = logits.amax(dim=1)
-            logits.sub_(m[:, None])
-            target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)
-            total = logits.exp_().sum(dim=1)
-            z = total.log()
-            losses[s:e] = z - target_logit
-            row_max[s:e], log_norm[s:e] = m, z
-            if unit_grad_hidden is not None:
-                d_logits = _minus_onehot(logits.div_(total[:, None]), targets[s:e]).to(weight.dtype)
-                torch.mm(d_logits, weight, out=unit_grad_hidden[s:e])
+            out = None if unit_grad_hidden is None else unit_grad_hidden[s:e]
+            losses[s:e], row_max[s:e], log_norm[s:e] = _forward_chunk(hidden[s:e], weight, targets[s:e], out)
         keep_hidden = hidden if ctx.needs_input_grad[1] else None  # only the weight gradient reads it
         ctx.save_for_backward(keep_hidden, weight, targets, row_max, log_norm, unit_grad_hidden)
         ctx.rows = rows
@@ -187,13 +177,45 @@ def _weight_grad(
     grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for s in range(0, hidden.shape[0], rows):
         e = min(s + rows, hidden.shape[0])
-        logits = _chunk_logits(hidden[s:e], weight)
-        probs = logits.sub_(row_max[s:e, None]).sub_(log_norm[s:e, None]).exp_()  # exp(log_softmax)
-        d_logits = _minus_onehot(probs, targets[s:e]).mul_(grad_losses[s:e, None])
-        _accumulate(
-            grad, d_logits.to(weight.dtype).T, hidden[s:e]
-        )  # cast as autograd casts `.float()`'s grad
+        d_logits = _softmax_grad(hidden[s:e], weight, targets[s:e], row_max[s:e], log_norm[s:e])
+        d_logits.mul_(grad_losses[s:e, None])
+        # The cast to the compute dtype is what autograd does to the gradient of `head(hidden).float()`.
+        _accumulate(grad, d_logits.to(weight.dtype).T, hidden[s:e])
+        del d_logits  # before the next chunk's logits exist: one chunk at a time
     return grad.to(weight.dtype)
+
+
+def _forward_chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, unit_grad_hidden: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Losses, row max and log-normaliser of one chunk; writes its unit hidden-state gradient if asked.
+
+    A function, so that the chunk's logits are freed on return, before the next chunk's are computed.
+    """
+    # The arithmetic of log_softmax + nll_loss: x - max, then the log of the sum of exponentials.
+    logits = _chunk_logits(hidden, weight)  # [c, V] fp32
+    row_max = logits.amax(dim=1)
+    logits.sub_(row_max[:, None])
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    total = logits.exp_().sum(dim=1)
+    log_norm = total.log()
+    if unit_grad_hidden is not None:
+        d_logits = _minus_onehot(logits.div_(total[:, None]), targets)  # softmax - onehot, in place
+        torch.mm(d_logits.to(weight.dtype), weight, out=unit_grad_hidden)
+    return log_norm - target_logit, row_max, log_norm
+
+
+def _softmax_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
+) -> torch.Tensor:
+    """softmax - onehot of one chunk from its recomputed logits and the statistics forward kept."""
+    logits = _chunk_logits(hidden, weight)
+    probs = logits.sub_(row_max[:, None]).sub_(log_norm[:, None]).exp_()  # exp(log_softmax)
+    return _minus_onehot(probs, targets)
 
 
 def _minus_onehot(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
