@@ -220,8 +220,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (overrides `epochs` when set)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """Parameter and compute dtype of the engine."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward for the towers that backward passes through."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Activation recompute per tower. `auto`: the towers whose weights train (the LM in stages 2-3, the vision tower when it trains), none in stages 0-1, where the LM is frozen and only passes gradients to the projector; `true`: also a frozen LM that backward passes through; `false`: none. docs/training.md has the measured costs."""
+    checkpoint_every_n_layers: int = 1
+    """In a checkpointed tower, recompute every n-th transformer layer (1: all); the others keep their activations, trading memory back for speed."""
     engine: Literal["deepspeed", "fsdp"] = "deepspeed"
     """Distributed engine."""
     ds_config: str = "zero2_bf16"
@@ -255,6 +257,12 @@ class TrainConfig:
                 f"{path}.peak_tflops",
                 f"must be > 0 (TFLOP/s of one GPU, e.g. 989 for an H100 SXM), got {self.peak_tflops}",
             )
+        _require(
+            isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto",
+            f"{path}.gradient_checkpointing",
+            f'must be "auto", true or false, got {self.gradient_checkpointing!r}',
+        )
+        _require(self.checkpoint_every_n_layers >= 1, f"{path}.checkpoint_every_n_layers", "must be >= 1")
 
 
 @dataclass(frozen=True)
