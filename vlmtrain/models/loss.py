@@ -54,16 +54,31 @@ def count_supervised(labels: torch.Tensor, sample_ids: torch.Tensor) -> int:
     return int(supervised_mask(labels, sample_ids).sum())
 
 
+def supervised_index(labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+    """[N, 2] long: (row, column) of every position that predicts a supervised token (`supervised_mask`).
+
+    The trainer computes it from the CPU batch and hands it to the model, so selecting the supervised
+    positions on the device needs no host sync (a boolean index would: its size is data-dependent).
+    """
+    return supervised_mask(labels, sample_ids).nonzero()
+
+
 def token_losses(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, sample_ids: torch.Tensor
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    sample_ids: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cross-entropy of every supervised position [N] and the [B, T-1] mask that picked them.
+    """fp32 cross-entropy of every supervised position [N] and the [N, 2] `supervised_index` that picked them.
 
     Only supervised positions go through the LM head, in token chunks (`linear_cross_entropy`): vocab x
-    tokens is the largest tensor of a step.
+    tokens is the largest tensor of a step. Without `index` it is computed here (a host sync on a GPU).
     """
-    valid = supervised_mask(labels, sample_ids)
-    return linear_cross_entropy(hidden[:, :-1][valid], head, labels[:, 1:][valid]), valid
+    if index is None:
+        index = supervised_index(labels, sample_ids)
+    rows, cols = index.unbind(1)
+    return linear_cross_entropy(hidden[rows, cols], head, labels[rows, cols + 1]), index
 
 
 def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:

@@ -24,7 +24,8 @@ from vlmtrain.data.process import IGNORE_INDEX as IGNORE_INDEX  # re-exported: t
 from vlmtrain.data.tokenizer import image_token_id
 from vlmtrain.durable import fsync_file, replace_durably, write_text_durably
 from vlmtrain.models.language import language_config_from_dict, load_language_model, resolve_attn_backend
-from vlmtrain.models.loss import supervised_mask, token_losses
+from vlmtrain.models.loss import supervised_index as find_supervised
+from vlmtrain.models.loss import token_losses
 from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.projector import Projector
 from vlmtrain.models.vision import load_vision_tower, num_patches, select_features
@@ -111,18 +112,23 @@ class VisionLanguageModel(nn.Module):
             )
         return self.projector(feats.to(self.projector.linear_1.weight.dtype))
 
-    def embed(
-        self, input_ids: torch.Tensor, image_flags: torch.Tensor, pixel_values: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Token embeddings with the image placeholder positions replaced by projected image tokens."""
-        embeds = self.language.get_input_embeddings()(input_ids)  # [B, T, D]
+    def check_image_slots(self, image_flags: torch.Tensor, n_images: int) -> None:
+        """The batch holds exactly `num_image_tokens` placeholder positions per image (read on the host)."""
         n_slots = int(image_flags.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if n_slots != n_images * self.num_image_tokens:
             raise ValueError(
                 f"batch has {n_slots} image-token positions but {n_images} images x {self.num_image_tokens} "
                 "tokens each; the collator and the model disagree on tokens per image"
             )
+
+    def embed(
+        self, input_ids: torch.Tensor, image_flags: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings with the image placeholder positions replaced by projected image tokens."""
+        embeds = self.language.get_input_embeddings()(input_ids)  # [B, T, D]
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_flags.device.type == "cpu":  # on a GPU the trainer checks the CPU batch (no host sync here)
+            self.check_image_slots(image_flags, n_images)
         if n_images == 0:
             return embeds
         image_tokens = self.encode_images(pixel_values).to(embeds.dtype)  # [N, P, D]
@@ -140,9 +146,14 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         mask_mode: str = "prefix",
         return_logits: bool = False,
+        supervised_index: torch.Tensor | None = None,
         **_: Any,
     ) -> VLMOutput:
-        """Loss of predicting `labels` (HF convention, shifted here) under the stage's attention mask."""
+        """Loss of predicting `labels` (HF convention, shifted here) under the stage's attention mask.
+
+        `supervised_index` (models.loss.supervised_index of the CPU batch) lets a training step run without
+        any device-to-host sync; without it the positions are found here.
+        """
         image_flags = image_flags.bool()
         embeds = self.embed(input_ids, image_flags, pixel_values)
         if position_ids is None:
@@ -158,13 +169,15 @@ class VisionLanguageModel(nn.Module):
             return VLMOutput(zero, zero, torch.zeros_like(input_ids, dtype=torch.float32), 0, logits)
 
         if logits is not None:
-            valid = supervised_mask(labels, sample_ids)
-            losses = F.cross_entropy(logits[:, :-1][valid].float(), labels[:, 1:][valid], reduction="none")
+            index = supervised_index if supervised_index is not None else find_supervised(labels, sample_ids)
+            rows, cols = index.unbind(1)
+            losses = F.cross_entropy(logits[rows, cols].float(), labels[rows, cols + 1], reduction="none")
         else:
-            losses, valid = token_losses(hidden, head, labels, sample_ids)
+            losses, index = token_losses(hidden, head, labels, sample_ids, supervised_index)
+            rows, cols = index.unbind(1)
         token_loss = torch.zeros_like(labels, dtype=torch.float32)
-        token_loss[:, 1:][valid] = losses
-        n = int(valid.sum())
+        token_loss[rows, cols + 1] = losses  # aligned with the label positions
+        n = index.shape[0]  # host-side shape: no sync
         loss_sum = losses.sum()
         return VLMOutput(loss_sum / max(n, 1), loss_sum, token_loss, n, logits)
 

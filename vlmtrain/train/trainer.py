@@ -30,7 +30,7 @@ from vlmtrain.data.stream import merge_data_faults
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
 from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
 from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_curves
-from vlmtrain.models.loss import count_supervised
+from vlmtrain.models.loss import supervised_index
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 from vlmtrain.train import checkpoint as ckpt
@@ -101,6 +101,16 @@ LoaderFactory = Callable[
     [dict[str, Any] | None], Any
 ]  # reader state -> iterable of batches with state_dict()
 Fault = Callable[[int, int, torch.Tensor], torch.Tensor]  # (step, micro, loss) -> loss; tests inject NaNs
+
+
+def read_for_log(value: torch.Tensor) -> float:
+    """The training loop's one device-to-host read per optimizer step: the step's loss, for the log.
+
+    Everything else a step needs on the host (token counts, supervised positions, noise, FLOPs) comes from
+    the CPU batches; the engines' own non-finite check is theirs (FSDP reads the gradient norm, DeepSpeed
+    its overflow flag and norm).
+    """
+    return float(value)
 
 
 def stable_seed(*parts: object) -> int:
@@ -186,8 +196,14 @@ class Trainer:
         )
 
     # ---- steps --------------------------------------------------------------------------------------
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {k: batch[k].to(self.ctx.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+    def _to_device(self, batch: dict[str, Any], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's inputs on the device, with the CPU-computed supervised positions: no host sync."""
+        if self.ctx.device.type != "cpu":  # the model checks this itself only on CPU tensors
+            pixels = batch.get("pixel_values")
+            self.model.check_image_slots(batch["image_flags"], 0 if pixels is None else pixels.shape[0])
+        out = {k: batch[k].to(self.ctx.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+        out["supervised_index"] = index.to(self.ctx.device, non_blocking=True)
+        return out
 
     def noisy_inputs(self, raw: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
         """The CPU micro-batch with stage-0 input noise applied (labels keep the clean tokens).
@@ -216,9 +232,10 @@ class Trainer:
         optimizer sees the token mean of the whole step. The logged loss is that same token mean.
         """
         raws = [next(batches) for _ in range(engine.accumulation_steps)]
+        indices = [supervised_index(r["labels"], r["sample_ids"]) for r in raws]  # on the CPU
         flops = self._step_flops(raws)
         local = [
-            sum(count_supervised(r["labels"], r["sample_ids"]) for r in raws),
+            sum(len(i) for i in indices),
             sum(int(r["num_tokens"]) for r in raws),
             sum(int(r["num_samples"]) for r in raws),
             flops.model,
@@ -229,8 +246,8 @@ class Trainer:
         label_tokens, tokens, samples = (int(v) for v in counts)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         result = None
-        for micro, raw in enumerate(raws):
-            batch = self._to_device(self.noisy_inputs(raw, step, micro))
+        for micro, (raw, index) in enumerate(zip(raws, indices, strict=True)):
+            batch = self._to_device(self.noisy_inputs(raw, step, micro), index)
             out = engine.forward(batch, self.stage.mask.mode)
             loss = out.loss_sum if self.fault is None else self.fault(step, micro, out.loss_sum)
             engine.backward(loss, label_tokens)
@@ -239,7 +256,7 @@ class Trainer:
         assert result is not None and result.boundary, (
             "micro-batch count and the engine's accumulation disagree"
         )
-        (total,) = sum_over_ranks([float(loss_sum)])  # the step's one device->host sync (for the log)
+        (total,) = sum_over_ranks([read_for_log(loss_sum)])
         return {
             "loss": total / label_tokens if label_tokens else float("nan"),
             "tokens": tokens,
