@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vlmtrain.models.loss import CHUNK_BYTES, chunk_rows, linear_cross_entropy, token_losses
+from vlmtrain.models.loss import (
+    CHUNK_BYTES,
+    chunk_rows,
+    linear_cross_entropy,
+    supervised_index,
+    supervised_mask,
+    token_losses,
+)
 
 N, D, V = 70, 32, 1000
 TOL = 1e-6
@@ -246,12 +253,18 @@ def test_token_losses_pick_supervised_positions():
     labels = torch.randint(0, V, (3, 12), generator=gen)
     labels[:, :3] = -100
     sample_ids = torch.tensor([[1] * 6 + [2] * 6, [1] * 12, [1] * 8 + [0] * 4])
-    losses, valid = token_losses(hidden, head, labels, sample_ids)
+    losses, index = token_losses(hidden, head, labels, sample_ids)
     full = F.cross_entropy(
         head(hidden[:, :-1]).float().transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none"
     )
-    assert int(valid.sum()) == 3 * 9 - 1 - 4  # 3 x 9 targets past the prompt, less a boundary and padding
+    valid = supervised_mask(labels, sample_ids)
+    assert torch.equal(index, valid.nonzero())  # (row, predicting position), row-major like the mask
+    assert len(index) == 3 * 9 - 1 - 4  # 3 x 9 targets past the prompt, less a boundary and padding
     assert_same(losses, full[valid], "losses")
+    # The positions the trainer computes on the CPU give the same losses.
+    given, same = token_losses(hidden, head, labels, sample_ids, supervised_index(labels, sample_ids))
+    assert same is not index and torch.equal(same, index)
+    assert_same(given, losses, "losses from given positions")
 
 
 def test_model_loss_equals_full_logits_path(tiny_model, tokenizer):
