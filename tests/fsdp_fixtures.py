@@ -46,6 +46,9 @@ class RecordingLoader:
     def skip_counts(self) -> dict[str, int]:
         return self.inner.skip_counts()
 
+    def data_faults(self) -> dict[str, Any]:
+        return self.inner.data_faults()  # the trainer logs every rank's skips and corrupt shards
+
 
 def read_keys(path: Path) -> list[str]:
     """Every sample key a run's ranks consumed, over all `<path>.rank*` files, in file order."""
