@@ -47,7 +47,7 @@ class RecordingLoader:
         return self.inner.skip_counts()
 
     def data_faults(self) -> dict[str, Any]:
-        return self.inner.data_faults()
+        return self.inner.data_faults()  # the trainer logs every rank's skips and corrupt shards
 
 
 def read_keys(path: Path) -> list[str]:

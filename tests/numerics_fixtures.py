@@ -7,6 +7,9 @@ SPEC: {"model_dir": a saved VisionLanguageModel + tokenizer, "jobs": [job, ...]}
 {"engine", "precision", "global", "micro", "layout" ("pad" | "pack"), "samples", "out"}: its ranks read the
 global batch's samples rank by rank in consecutive micro-batches, run forward / token-weighted backward /
 step, and rank 0 saves `Engine.full_gradients()` (taken before the last `step`) to `out`.
+Layout "budget" (with "budget": rows per micro-batch) runs the trainer's own `Trainer.train_step` on one step
+group per rank (collate.budget_collate); rank 0 takes the longest samples, so the ranks' micro-batch counts
+differ, and `out` also holds every rank's count (`micro_counts`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from safetensors.torch import save_file
 
 from vlmtrain.config.load import shipped_stage_path, stage_config_from_dict
 from vlmtrain.config.schema import StageConfig
-from vlmtrain.data.collate import MODEL_KEYS, Batch, pack_collate, pad_collate
+from vlmtrain.data.collate import MODEL_KEYS, Batch, budget_collate, pack_collate, pad_collate
 from vlmtrain.data.process import IGNORE_INDEX, ProcessedSample
 from vlmtrain.models.freeze import apply_trainability
 from vlmtrain.models.loss import count_supervised
@@ -60,9 +63,12 @@ def collate(samples: list[ProcessedSample], layout: str, row_length: int, image_
     return pack_collate(samples, row_length=row_length, pad_token_id=0, image_size=image_size)
 
 
-def stage_for(engine: str, precision: str, global_batch: int, micro: int) -> StageConfig:
-    """Stage 2 (every group trains) with the given engine, precision and batch layout."""
+def stage_for(
+    engine: str, precision: str, global_batch: int, micro: int, data: dict[str, Any] | None = None
+) -> StageConfig:
+    """Stage 2 (every group trains) with the given engine, precision, batch layout and data overrides."""
     cfg = json.loads(shipped_stage_path(2).read_text())
+    cfg["data"].update(data or {})
     cfg["init_from"] = None
     cfg["model"] = {"vision": None, "vision_config": {}, "language": None, "language_config": {}}
     cfg["batch"] = {"global_batch_size": global_batch, "micro_batch_size": micro}
@@ -82,6 +88,8 @@ def accumulated_gradients(job: dict[str, Any], model_dir: Path, ctx: Any) -> dic
     from vlmtrain.train.engines import make_engine
     from vlmtrain.train.optim import build_param_groups
 
+    if job["layout"] == "budget":
+        return budget_step_gradients(job, model_dir, ctx)
     stage = stage_for(job["engine"], job["precision"], job["global"], job["micro"])
     model = VisionLanguageModel.from_pretrained(model_dir)
     apply_trainability(model, stage.modules)
@@ -112,6 +120,46 @@ def accumulated_gradients(job: dict[str, Any], model_dir: Path, ctx: Any) -> dic
     if not result.boundary:
         raise AssertionError("the last micro-batch did not end the accumulation window")
     return grads
+
+
+def budget_step_gradients(job: dict[str, Any], model_dir: Path, ctx: Any) -> dict[str, torch.Tensor]:
+    """One token-budget step through Trainer.train_step: the accumulated gradients and each rank's count."""
+    from transformers import AutoTokenizer
+
+    from vlmtrain.dist import gather_objects
+    from vlmtrain.train.engines import make_engine
+    from vlmtrain.train.optim import build_param_groups
+    from vlmtrain.train.trainer import Trainer
+
+    model = VisionLanguageModel.from_pretrained(model_dir)
+    samples = make_samples(model, job["samples"])
+    row = row_length_for(samples)
+    data = {"max_length": row, "token_budget": job["budget"] * row}
+    stage = stage_for(job["engine"], job["precision"], job["global"], job["micro"], data)
+    apply_trainability(model, stage.modules)
+    model.train().to(ctx.device)
+    per_rank = job["global"] // ctx.world_size
+    longest_first = sorted(samples, key=len, reverse=True)
+    mine = longest_first[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+    group = budget_collate(mine, row, job["budget"] * row, 0, image_size=model.vision.config.image_size)
+    specs = build_param_groups(model, model.module_groups(), stage)
+    engine = make_engine(stage.train.engine, model=model, stage=stage, specs=specs, total_steps=1, ctx=ctx)
+    grads: dict[str, torch.Tensor] = {}
+    step = engine.step
+
+    def step_keeping_gradients() -> Any:
+        if engine._micro + 1 == engine._window:  # the window's last micro-batch: gradients before the update
+            grads.update(engine.full_gradients())
+        return step()
+
+    engine.step = step_keeping_gradients  # type: ignore[method-assign]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    trainer = Trainer(stage, Path("/nonexistent"), ctx, model, tokenizer, lambda s: None, total_steps=1)
+    info = trainer.train_step(engine, iter([group]), 0)
+    counts = gather_objects(len(group["micro_batches"]))
+    if info["micro_batches"] != max(counts) or (ctx.is_main and not grads):
+        raise AssertionError(f"step ran {info['micro_batches']} micro-batches for counts {counts}")
+    return {**grads, "micro_counts": torch.tensor(counts)} if ctx.is_main else {}
 
 
 def masters_of(job: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:

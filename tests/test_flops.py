@@ -361,6 +361,9 @@ def test_train_step_reports_the_flops_flop_counter_sees(tiny_model, tokenizer, t
         def __init__(self) -> None:
             self.micro = 0
 
+        def begin_step(self, n_micro):
+            assert n_micro == len(raws)
+
         def forward(self, batch, mode):
             return tiny_model(**batch, mask_mode=mode)
 

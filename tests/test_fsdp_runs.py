@@ -149,13 +149,16 @@ def text_only_keys(data: TrainData) -> set[str]:
 
 def fp32_config(data: TrainData, engine: str, **train: Any) -> dict[str, Any]:
     """Stage 3 on its own (every group trains; instruction data with text-only samples) in fp32, one
-    sample per micro-batch, so that some micro-batches hold no image while other ranks' do."""
-    return standalone(
+    sample per micro-batch, so that some micro-batches hold no image while other ranks' do (fixed micro-batches:
+    the shipped token budget is turned off)."""
+    cfg = standalone(
         tiny_stage_config(
             3, data, max_steps=CHAIN_STEPS, save_every=0, micro_batch_size=1,
             train={"engine": engine, "precision": "fp32", **train},
         )
     )  # fmt: skip
+    cfg["data"]["token_budget"] = None
+    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,9 @@ class MetaEngine:
     def __init__(self, model) -> None:
         self.model, self.micro = model, 0
 
+    def begin_step(self, n_micro: int) -> None:
+        self.accumulation_steps, self.micro = n_micro, 0
+
     def forward(self, batch, mask_mode):
         return self.model(**batch, mask_mode=mask_mode)
 

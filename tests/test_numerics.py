@@ -106,6 +106,36 @@ def test_step_gradient_is_the_global_batch_token_mean(
     assert worst <= 1e-6 * scale, f"{engine} {ranks}x{micro} {layout}: max |diff| {worst:.3g} vs {scale:.3g}"
 
 
+@pytest.fixture(scope="module")
+def budget_gradients(model_dir: Path, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """One 2-rank token-budget step per engine (one packed row per micro-batch), through Trainer.train_step."""
+    tmp = tmp_path_factory.mktemp("budget")
+    jobs = [
+        dict(engine=e, precision="fp32", samples=GLOBAL, out=str(tmp / f"{e}.safetensors"), layout="budget")
+        | {"global": GLOBAL, "micro": 2, "budget": 1}
+        for e in ENGINES
+    ]
+    run_jobs(tmp, model_dir, jobs, 2)
+    return {e: load_file(str(tmp / f"{e}.safetensors")) for e in ENGINES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_budget_step_with_unequal_micro_batch_counts_is_the_global_batch_token_mean(
+    budget_gradients, model_dir, engine
+):
+    """Rank 0 holds the longest samples, so it needs more budget micro-batches than rank 1, which runs blank
+    ones to match; the step's gradient is still the whole global batch's token mean."""
+    got = dict(budget_gradients[engine])
+    counts = got.pop("micro_counts").tolist()
+    assert len(counts) == 2 and counts[0] > counts[1] >= 1, counts
+    reference = brute_force_gradients(model_dir, "fp32")
+    assert set(got) == set(reference)
+    scale = max(float(g.abs().max()) for g in reference.values())
+    worst = max(float((got[n] - reference[n]).abs().max()) for n in reference)
+    assert worst <= 1e-6 * scale, f"{engine} budget {counts}: max |diff| {worst:.3g} vs {scale:.3g}"
+
+
 def test_a_per_micro_batch_mean_would_fail_the_invariance(model_dir):
     """The invariance test can fail: averaging each micro-batch's own token mean gives another gradient."""
     reference = brute_force_gradients(model_dir, "fp32")

@@ -365,3 +365,40 @@ def test_pickles_in_shards_are_never_loaded(
     assert stream.ignored_member_counts() == {"pickle": 1, "pth": 2, "pyd": 1}
     assert stream.skip_counts() == {"missing_json": 1}
     assert set(read_shard(tmp_path / "mixed.tar").members[0]) == {"json", "jpg"}
+
+
+# --- token budget: one step group per item ---------------------------------------------------------------
+
+BUDGET = dict(token_budget=192, pack_length=96, micro_batch_size=5)  # a step share of 5 samples, 2 rows each
+
+
+def test_budget_items_are_step_groups_of_the_step_share(dataset: Path, proc: SampleProcessor) -> None:
+    groups = list(loader(dataset, proc, num_workers=0, **BUDGET))
+    for g in groups[:-1]:  # the last group of a finite pass holds what is left
+        assert g["num_samples"] == 5
+        assert all(m["input_ids"].shape[1] <= 96 for m in g["micro_batches"])
+        assert all(m["input_ids"].numel() <= 192 for m in g["micro_batches"])
+    assert sorted(k for g in groups for k in g["keys"]) == GOOD_KEYS
+    counts = {len(g["micro_batches"]) for g in groups}
+    assert len(counts) > 1, f"the stream's lengths should give varying micro-batch counts, got {counts}"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_budget_same_topology_resume_replays_the_exact_groups(
+    dataset: Path, proc: SampleProcessor, k: int
+) -> None:
+    kw = {"num_workers": 2, **BUDGET}
+    full, _ = run_ranks(dataset, proc, 2, **kw)
+    head, saved = run_ranks(dataset, proc, 2, limit=k, **kw)
+    tail, _ = run_ranks(dataset, proc, 2, state=json.loads(json.dumps(saved)), **kw)
+    for r in range(2):
+        assert head[r] + tail[r] == full[r]
+
+
+def test_budget_world_size_change_reads_the_remainder_once(dataset: Path, proc: SampleProcessor) -> None:
+    head, saved = run_ranks(dataset, proc, world=2, limit=2, **BUDGET)
+    tail, _ = run_ranks(dataset, proc, world=1, state=saved, **BUDGET)
+    seen = [k for rank in head for k in flat(rank)]
+    rest = [k for rank in tail for k in flat(rank)]
+    assert len(seen) == 5 * 2 * 2 and not set(seen) & set(rest)
+    assert sorted(seen + rest) == GOOD_KEYS

@@ -126,6 +126,12 @@ class DataConfig:
     """Longest sequence in tokens, image tokens included; longer conversations lose trailing turns."""
     pack_length: int | None = None
     """Pack samples into rows of this many tokens (None: one sample per row, padded)."""
+    token_budget: int | None = None
+    """Most positions (rows x row width) of a micro-batch. Set: each rank's share of the global batch
+    (global_batch_size / world size samples) is packed whole, first-fit decreasing, into rows at most
+    pack_length (or max_length) wide and laid into as few micro-batches within this budget as fit, so the
+    micro-batch count varies per step (batch.micro_batch_size then only sizes validation chunks and
+    DeepSpeed's nominal accumulation). None: fixed micro-batches of micro_batch_size samples."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     caption_choice: Literal["first", "random"] = "random"
@@ -151,6 +157,13 @@ class DataConfig:
                 self.pack_length >= self.max_length,
                 f"{path}.pack_length",
                 f"must be >= max_length ({self.max_length}) so every sample fits a row",
+            )
+        if self.token_budget is not None:
+            row = self.pack_length if self.pack_length is not None else self.max_length
+            _require(
+                self.token_budget >= row,
+                f"{path}.token_budget",
+                f"must be >= the row length {row} (pack_length or max_length) so a row fits a micro-batch",
             )
         _require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
 

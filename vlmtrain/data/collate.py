@@ -1,4 +1,5 @@
-"""Collation: pad samples one per row, or pack whole samples into fixed-length rows."""
+"""Collation: pad samples one per row, pack whole samples into fixed-length rows, or lay a whole optimizer
+step's samples into token-budget micro-batches of packed rows."""
 
 from __future__ import annotations
 
@@ -47,16 +48,84 @@ def pack_collate(
 
     A sample is never split across rows; each row's samples get ids 1..k and positions restarting at 0.
     """
+    _check_fits("pack_collate", samples, row_length, "pack length")
+    rows = [[samples[i] for i in row] for row in first_fit_decreasing([len(s) for s in samples], row_length)]
+    return _assemble(rows, row_length, pad_token_id, image_size)
+
+
+BUDGET_WIDTH_MULTIPLE = 64  # budget rows' width granularity: few distinct shapes, little rounding waste
+
+
+def budget_collate(
+    samples: Sequence[ProcessedSample],
+    row_length: int,
+    token_budget: int,
+    pad_token_id: int,
+    *,
+    image_size: int = 224,
+    width_multiple: int = BUDGET_WIDTH_MULTIPLE,
+) -> Batch:
+    """One optimizer step's samples (of one rank) as token-budget micro-batches: a "step group".
+
+    The samples are packed whole into rows by first-fit decreasing (``first_fit_decreasing``, as
+    ``pack_collate``) at the row width, among the multiples of ``width_multiple`` from the longest sample up
+    to ``row_length``, that gives the fewest row positions (ties: the fewer micro-batches, then the
+    narrower); rows are then grouped ``token_budget // width`` to a micro-batch, so no micro-batch holds more
+    than ``token_budget`` positions. Fixed rows of ``row_length`` would waste most of a row whenever whole
+    samples do not add up to it (two 350-token captions in 768) and the last row's slack (~15% of a
+    16-sample share); the narrowest fitting width removes most of both. One width per step, a multiple of
+    ``width_multiple``: few distinct shapes for kernels that compile per shape.
+    Returns ``{"micro_batches": [...], "num_samples", "num_tokens", "keys"}``.
+    """
+    rows_per_micro = token_budget // row_length
+    if rows_per_micro < 1:
+        raise ValueError(
+            f"token_budget={token_budget} is below the row length {row_length}: not even one row fits; "
+            "raise data.token_budget or lower data.pack_length / data.max_length"
+        )
+    _check_fits("budget_collate", samples, row_length, "row length")
+    width, bins = _tightest_rows([len(s) for s in samples], row_length, token_budget, width_multiple)
+    rows = [[samples[i] for i in row] for row in bins]
+    per_micro = token_budget // width
+    micros = [
+        _assemble(rows[i : i + per_micro], width, pad_token_id, image_size)
+        for i in range(0, len(rows), per_micro)
+    ]
+    return {
+        "micro_batches": micros,
+        "num_samples": sum(m["num_samples"] for m in micros),
+        "num_tokens": sum(m["num_tokens"] for m in micros),
+        "keys": [k for m in micros for k in m["keys"]],
+    }
+
+
+def _tightest_rows(
+    lengths: Sequence[int], row_length: int, token_budget: int, multiple: int
+) -> tuple[int, list[list[int]]]:
+    """The row width (a multiple of ``multiple`` or ``row_length``) whose first-fit-decreasing rows hold the
+    fewest positions (ties: fewer micro-batches, then narrower), and those rows. Costs one first-fit
+    decreasing per candidate width: at most ``row_length / multiple`` (32 at 2048)."""
+    longest = max(lengths)
+    widths = sorted({*range(-(-longest // multiple) * multiple, row_length, multiple), row_length})
+    best: tuple[tuple[int, int, int], int, list[list[int]]] | None = None
+    for width in widths:
+        bins = first_fit_decreasing(lengths, width)
+        cost = (len(bins) * width, -(-len(bins) // (token_budget // width)), width)
+        if best is None or cost < best[0]:
+            best = (cost, width, bins)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _check_fits(caller: str, samples: Sequence[ProcessedSample], row_length: int, what: str) -> None:
     if not samples:
-        raise ValueError("pack_collate needs at least one sample")
+        raise ValueError(f"{caller} needs at least one sample")
     for s in samples:
         if len(s) > row_length:
             raise ValueError(
-                f"sample {s.key!r} (shard {s.shard}) has {len(s)} tokens, more than the pack length "
+                f"sample {s.key!r} (shard {s.shard}) has {len(s)} tokens, more than the {what} "
                 f"{row_length}; raise the pack length or lower max_length"
             )
-    rows = [[samples[i] for i in row] for row in first_fit_decreasing([len(s) for s in samples], row_length)]
-    return _assemble(rows, row_length, pad_token_id, image_size)
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -18,6 +18,9 @@ Design (docs/data_pipeline.md has the long form):
 - The DataLoader hands out batches round-robin over workers starting at worker 0; the state records
   which role comes next and resumed workers take rotated roles, so the same topology replays the
   uninterrupted order exactly.
+- With a token budget, an item is a *step group*: a rank's whole share of an optimizer step's samples,
+  laid by the worker into token-budget micro-batches (collate.budget_collate). The state still counts
+  delivered items, each one a whole step, so a checkpoint (always between steps) resumes exactly.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmtrain.data.collate import Batch, pack_collate, pad_collate
+from vlmtrain.data.collate import Batch, budget_collate, pack_collate, pad_collate
 from vlmtrain.data.order import draw, permutation, splitmix64  # noqa: F401  (splitmix64: re-exported)
 from vlmtrain.data.process import SAMPLE_EXTENSIONS, ProcessedSample, RawSample, SampleProcessor, Skip
 
@@ -561,7 +564,11 @@ class StreamLoader:
         pin_memory: bool = False,
         open_shards: int = DEFAULT_OPEN_SHARDS,
         max_corrupt_shards: int | None = None,
+        token_budget: int | None = None,
     ) -> None:
+        """``token_budget`` (tokens per micro-batch) turns every item into a step group of ``micro_batch_size``
+        samples (then the rank's share of the global batch) in budget micro-batches of packed rows of
+        ``pack_length`` (or max_length) tokens; None keeps one collated micro-batch per item."""
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if not 0 <= rank < world_size:
@@ -586,6 +593,7 @@ class StreamLoader:
         self.pin_memory = pin_memory
         self.open_shards = open_shards
         self.max_corrupt_shards = max_corrupt_shards
+        self.token_budget = token_budget
         self.collate = self._collate_fn(pack_length, pad_token_id, pad_to_multiple_of)
         self._consumed: dict[int, dict[str, int]] = {}
         self._known = {s.name: s.samples for s in self.shards if s.samples is not None}
@@ -602,6 +610,21 @@ class StreamLoader:
         self, pack_length: int | None, pad_token_id: int, pad_to_multiple_of: int | None
     ) -> Callable[[list[ProcessedSample]], Batch]:
         image_size = self.processor.transform.image_size
+        if self.token_budget is not None:
+            row_length = pack_length if pack_length is not None else self.processor.config.max_length
+            if not self.processor.config.max_length <= row_length <= self.token_budget:
+                raise ValueError(
+                    f"token_budget={self.token_budget}, row length {row_length} (pack_length or max_length), "
+                    f"max_length={self.processor.config.max_length}: need max_length <= row length <= "
+                    "token_budget so every sample fits a row and a row fits the budget"
+                )
+            return functools.partial(
+                budget_collate,
+                row_length=row_length,
+                token_budget=self.token_budget,
+                pad_token_id=pad_token_id,
+                image_size=image_size,
+            )
         if pack_length is None:
             return functools.partial(
                 pad_collate,
@@ -901,6 +924,6 @@ def build_loader(source: str | Path, processor: SampleProcessor, **options: Any)
 
     ``options`` are StreamLoader's keyword arguments (micro_batch_size, rank, world_size, num_workers, seed,
     pad_token_id, shuffle, resample, pack_length, pad_to_multiple_of, state, prefetch_factor, pin_memory,
-    open_shards, max_corrupt_shards).
+    open_shards, max_corrupt_shards, token_budget).
     """
     return StreamLoader(load_source(source), processor, **options)

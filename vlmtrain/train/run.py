@@ -125,11 +125,15 @@ def make_loader_factory(
         ImageTransform(image_size=model.vision.config.image_size),
     )
 
+    # A token budget (training only) makes each item a step group: the rank's share of the global batch.
+    budget = stage.data.token_budget if training else None
+    per_item = stage.batch.micro_batch_size if budget is None else step_samples(stage, ctx.world_size)
+
     def factory(state):
         return build_loader(
             source or stage.data.train,
             processor,
-            micro_batch_size=stage.batch.micro_batch_size,
+            micro_batch_size=per_item,
             rank=ctx.rank,
             world_size=ctx.world_size,
             num_workers=stage.data.num_workers if training else 0,
@@ -144,9 +148,16 @@ def make_loader_factory(
             pin_memory=ctx.device.type == "cuda",
             open_shards=stage.data.open_shards,
             max_corrupt_shards=stage.data.max_corrupt_shards,
+            token_budget=budget,
         )
 
     return factory
+
+
+def step_samples(stage: StageConfig, world_size: int) -> int:
+    """One rank's samples per optimizer step (its share of the global batch)."""
+    stage.batch.accumulation_steps(world_size)  # the global batch splits evenly over the ranks
+    return stage.batch.global_batch_size // world_size
 
 
 def _validator(stage: StageConfig, stage_dir: Path, ctx: DistContext, model, tokenizer) -> Validator | None:

@@ -224,30 +224,41 @@ class Trainer:
         return {**raw, "input_ids": noisy}
 
     def train_step(self, engine: Engine, batches: Iterator[dict[str, Any]], step: int) -> dict[str, Any]:
-        """One optimizer step: `accumulation_steps` micro-batches, then the engine's (possibly skipped) update.
+        """One optimizer step: its micro-batches, then the engine's (possibly skipped) update.
+
+        Fixed batches: `accumulation_steps` micro-batches of `micro_batch_size`. Token budget: one step group
+        (the rank's share of the global batch in budget micro-batches); every rank runs the most any rank has,
+        the shorter ones adding blank micro-batches (no label: no loss, no gradient).
 
         The step's micro-batches are taken from the loader first (they are CPU tensors: 16 micro-batches of 8
         at 224 px hold 77 MB of pixels), so the step's supervised-token count is known, summed over ranks in
         one all-reduce, before the first forward: every micro-batch's loss sum is then weighted by it and the
         optimizer sees the token mean of the whole step. The logged loss is that same token mean.
         """
-        raws = [next(batches) for _ in range(engine.accumulation_steps)]
+        raws = self._step_batches(engine, batches)
         indices = [supervised_index(r["labels"], r["sample_ids"]) for r in raws]  # on the CPU
         flops = self._step_flops(raws)
         local = [
             sum(len(i) for i in indices),
             sum(int(r["num_tokens"]) for r in raws),
             sum(int(r["num_samples"]) for r in raws),
+            sum(r["input_ids"].numel() for r in raws),  # row positions, padding included
             flops.model,
             flops.hardware,
         ]
-        # FLOPs ride on the count's all-reduce (float64: exact to 2^53 FLOPs per step)
-        *counts, model_flops, hardware_flops = sum_over_ranks([float(v) for v in local])
-        label_tokens, tokens, samples = (int(v) for v in counts)
+        # FLOPs and the micro-batch counts ride on the count's all-reduce (float64: exact to 2^53 FLOPs per step)
+        reduced = sum_over_ranks([float(v) for v in local] + self._count_histogram(len(raws)))
+        *counts, model_flops, hardware_flops = reduced[: len(local)]
+        label_tokens, tokens, samples, positions = (int(v) for v in counts)
+        n_micro = self._step_micro_count(len(raws), reduced[len(local) :])
+        engine.begin_step(n_micro)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         result = None
-        for micro, (raw, index) in enumerate(zip(raws, indices, strict=True)):
-            batch = self._to_device(self.noisy_inputs(raw, step, micro), index)
+        for micro in range(n_micro):
+            if micro < len(raws):
+                batch = self._to_device(self.noisy_inputs(raws[micro], step, micro), indices[micro])
+            else:  # this rank's share fit fewer micro-batches: a stand-in forward, nothing supervised
+                batch = engine.blank_batch()
             out = engine.forward(batch, self.stage.mask.mode)
             loss = out.loss_sum if self.fault is None else self.fault(step, micro, out.loss_sum)
             engine.backward(loss, label_tokens)
@@ -262,11 +273,41 @@ class Trainer:
             "tokens": tokens,
             "samples": samples,
             "label_tokens": label_tokens,
+            "micro_batches": n_micro,
+            # padded row positions / all row positions of the step's data micro-batches, over ranks
+            "padding_fraction": 1.0 - tokens / positions if positions else 0.0,
             "skipped": result.skipped,
             "grad_norm": result.grad_norm,
             "model_flops": model_flops,  # the step's, over all ranks (vlmtrain.train.flops)
             "hardware_flops": hardware_flops,
         }
+
+    def _step_batches(self, engine: Engine, batches: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+        """This rank's CPU micro-batches of the step: one step group's (token budget) or a fixed count's."""
+        if self.stage.data.token_budget is not None:
+            group = next(batches)
+            return list(group["micro_batches"])
+        return [next(batches) for _ in range(engine.accumulation_steps)]
+
+    def _count_histogram(self, mine: int) -> list[float]:
+        """This rank's micro-batch count one-hot over 1..(its samples per step), summed over ranks with the
+        step's counts so the most any rank has is known without a second collective (empty: fixed batches)."""
+        if self.stage.data.token_budget is None:
+            return []
+        most = self.stage.batch.global_batch_size // self.ctx.world_size  # a micro-batch holds >= 1 sample
+        if not 1 <= mine <= most:
+            raise RuntimeError(f"{mine} micro-batches for a step share of {most} samples")
+        return [1.0 if n == mine else 0.0 for n in range(1, most + 1)]
+
+    def _step_micro_count(self, mine: int, histogram: list[float]) -> int:
+        """Micro-batches every rank runs this step: the most any rank has (a fixed batch: the fixed count).
+
+        A token budget lays each rank's share into as many micro-batches as it needs; the ranks must still
+        run equally many (collectives in every forward and backward), so the shorter ones add blank ones.
+        """
+        if not histogram:
+            return mine
+        return max(n for n, ranks in enumerate(histogram, start=1) if ranks > 0)
 
     def _step_flops(self, raws: list[dict[str, Any]]) -> FlopCount:
         """This rank's FLOPs of a step, from its CPU batches. The FLOP model is read off the model at the first
@@ -410,6 +451,8 @@ class Trainer:
                         "skipped_nonfinite_total": counters["skipped_nonfinite"],
                         "tokens": info["tokens"],
                         "samples": info["samples"],
+                        "micro_batches": info["micro_batches"],
+                        "padding_fraction": info["padding_fraction"],
                         "tokens_per_s": info["tokens"] / dt,
                         "samples_per_s": info["samples"] / dt,
                         "step_time_s": dt,

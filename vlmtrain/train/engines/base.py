@@ -55,6 +55,13 @@ class Engine(ABC):
     ctx: DistContext
 
     @abstractmethod
+    def begin_step(self, n_micro: int) -> None:
+        """Open an optimizer step of `n_micro` micro-batches: the window ends (gradients reduced, optimizer
+        applied) at the `n_micro`-th `step()` call. Every rank must pass the same count (ZeRO-2 reduces
+        buckets and FSDP gathers blocks on every micro-batch); `accumulation_steps` is the fixed-batch count,
+        a token budget varies it per step."""
+
+    @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput: ...
 
     @abstractmethod

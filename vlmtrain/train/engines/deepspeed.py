@@ -112,11 +112,24 @@ class DeepSpeedEngine(Engine):
         )
         self.module = self.engine.module
         self._blank_image = needs_image_path(self.module)
+        self._window, self._micro = self.accumulation_steps, 0  # the open step's micro-batch count, done
         # DeepSpeed links fragments to optimizer state once, after the first group's first step, so with
         # several groups the others would stay unlinked; creating the state up front links every group.
         self._prime_optimizer_state()
         for name, p in self.trainable_named_parameters():
             safe_set_full_fp32_param(p, incoming.pop(name).to(ctx.device))
+
+    def begin_step(self, n_micro: int) -> None:
+        if n_micro < 1:
+            raise ValueError(f"an optimizer step needs at least one micro-batch, got {n_micro}")
+        self._window, self._micro = n_micro, 0
+        self._set_boundary()
+
+    def _set_boundary(self) -> None:
+        # DeepSpeed's own counter ends a window every `gradient_accumulation_steps` (fixed in its config); the
+        # explicit flag puts the boundary on the step's last micro-batch, whatever the count. It is read by
+        # ZeRO's gradient hooks during backward and by engine.step(), so it is set before each forward.
+        self.engine.set_gradient_accumulation_boundary(self._micro + 1 == self._window)
 
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
         if (self._blank_image or self.zero3) and not has_images(batch):
@@ -151,6 +164,8 @@ class DeepSpeedEngine(Engine):
         boundary = self.engine.is_gradient_accumulation_boundary()
         skipped_before = self.engine.skipped_steps
         self.engine.step()
+        self._micro = 0 if boundary else self._micro + 1
+        self._set_boundary()
         if not boundary:
             return StepResult(boundary=False)
         skipped = self.engine.skipped_steps > skipped_before

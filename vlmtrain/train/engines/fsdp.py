@@ -148,6 +148,7 @@ class FSDPEngine(Engine):
         self.optimizer = make_optimizer(self.specs, stage.optim)
         self.scheduler = make_scheduler(self.optimizer, self.specs, total_steps, stage.optim)
         self._micro = 0  # micro-batches done in the current accumulation window
+        self._window = self.accumulation_steps  # micro-batches of the open step (begin_step)
         self._blank_image = needs_image_path(self.module)
 
     def _check_trainable_sharded(self) -> None:
@@ -160,6 +161,11 @@ class FSDPEngine(Engine):
         return self.module  # type: ignore[return-value]  # fully_shard made the model an FSDPModule
 
     # ---- steps --------------------------------------------------------------------------------------
+    def begin_step(self, n_micro: int) -> None:
+        if n_micro < 1:
+            raise ValueError(f"an optimizer step needs at least one micro-batch, got {n_micro}")
+        self._window, self._micro = n_micro, 0
+
     def forward(self, batch: dict[str, torch.Tensor], mask_mode: str) -> VLMOutput:
         if self._blank_image and not has_images(batch):
             batch = with_blank_image(
@@ -195,7 +201,7 @@ class FSDPEngine(Engine):
                 unit.reshard()  # local: frees the whole copies; training's next forward gathers as usual
 
     def backward(self, loss_sum: torch.Tensor, step_tokens: int) -> None:
-        last = self._micro + 1 == self.accumulation_steps
+        last = self._micro + 1 == self._window
         # Reduce once per window, on its last micro-batch; until then FSDP2 sums the unsharded gradients in
         # the reduce dtype (fp32), not in bf16.
         self.fsdp_root.set_requires_gradient_sync(last)
@@ -214,7 +220,7 @@ class FSDPEngine(Engine):
 
     def step(self) -> StepResult:
         self._micro += 1
-        if self._micro < self.accumulation_steps:
+        if self._micro < self._window:
             return StepResult(boundary=False)
         self._micro = 0
         norm = self._clip_gradients()
