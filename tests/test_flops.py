@@ -426,7 +426,7 @@ def test_mfu_divides_all_ranks_flops_by_ranks_time_and_peak():
 # ---- in a real run ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_two_rank_run_logs_tflops_and_mfu_per_gpu(tmp_path_factory):
-    """Stage 0 (LM checkpointed: hardware > model FLOPs) on 2 gloo ranks with train.peak_tflops set: every
+    """Stage 0 (LM checkpointed explicitly, gradient_checkpointing=true: hardware > model FLOPs) on 2 gloo ranks with train.peak_tflops set: every
     record's per-GPU TFLOP/s is the all-rank model FLOPs over (step time x 2), MFU that over the peak, and the
     progress bar and the start-up line show them."""
     from train_fixtures import read_metrics, run_training, tiny_stage_config, train_data, write_config
@@ -436,7 +436,7 @@ def test_a_two_rank_run_logs_tflops_and_mfu_per_gpu(tmp_path_factory):
     root = tmp_path_factory.mktemp("mfu_run")
     cfg = tiny_stage_config(
         0, data, max_steps=3, save_every=0, global_batch_size=4, micro_batch_size=1,
-        train={"engine": "fsdp", "peak_tflops": 0.5},
+        train={"engine": "fsdp", "peak_tflops": 0.5, "gradient_checkpointing": True},
     )  # fmt: skip
     job = run_training([write_config(cfg, root / "stage0.json")], root / "run", ranks=2)
     records = read_metrics(root / "run" / "stage0" / "metrics.jsonl")

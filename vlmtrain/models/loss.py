@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmtrain.data.process import IGNORE_INDEX
@@ -78,7 +79,13 @@ def token_losses(
     if index is None:
         index = supervised_index(labels, sample_ids)
     rows, cols = index.unbind(1)
-    return linear_cross_entropy(hidden[rows, cols], head, labels[rows, cols + 1]), index
+    picked, targets = hidden[rows, cols], labels[rows, cols + 1]
+    if hasattr(getattr(head, "weight", None), "ds_id"):
+        # A DeepSpeed ZeRO-3 parameter is whole only inside its module's forward and backward hooks, which the
+        # chunked function (it multiplies by the weight itself) bypasses: ZeRO-3 runs the full-logits loss
+        # through the head module, at its memory cost (docs/training.md, ZeRO-3).
+        return F.cross_entropy(head(picked).float(), targets, reduction="none"), index
+    return linear_cross_entropy(picked, head, targets), index
 
 
 def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
