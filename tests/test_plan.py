@@ -128,13 +128,16 @@ def test_memory_is_the_precision_policy_per_gpu(tmp_path, monkeypatch):
         assert a.memory.gradients == 4 * a.trainable and b.memory.gradients == 4 * a.trainable // 8
         assert a.memory.optimizer == 12 * a.trainable and b.memory.optimizer == 12 * a.trainable // 8
         assert a.memory.activations == b.memory.activations
-    # stage 0 activations by hand: the LM checkpointed (24 layer inputs, one layer's full set) on 8 rows x 768,
-    # and the head's 12 bytes per logit on the supervised share of those tokens; the frozen tower keeps nothing
+    # stage 0 activations by hand: `auto` recomputes nothing there (only the projector trains), so the LM keeps
+    # every layer's full set on 8 rows x 768; the chunked loss adds the unit hidden gradient of the supervised
+    # share of those tokens and one chunk's fp32 logits plus their bf16 cast; the frozen tower keeps nothing
     tokens = 8 * 768
     per_token_layer = 4 * 896 + 896 + 2 * 128 + 896 + 4 * 4864
-    lm = 24 * 896 * 2 * tokens + per_token_layer * 2 * tokens
+    lm = 24 * per_token_layer * 2 * tokens
     supervised = int(tokens * (95 / 388))
-    assert one[0].memory.activations == lm + supervised * 151_936 * 12
+    assert one[0].memory.activations == lm + supervised * 896 * 2 + 256 * 2**20 * 3 // 2
+    # stage 2 trains the head: its fp32 weight-gradient accumulator comes on top
+    assert one[2].memory.activations > 151_936 * 896 * 4
 
 
 def test_samples_come_from_the_manifest_when_shards_exist(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from PIL import Image
 from vlmtrain.data.process import ImageTransform, ProcessorConfig, SampleProcessor
 from vlmtrain.data.stream import (
     ShardError,
+    balanced_slots,
     build_loader,
     load_source,
     merge_states,
@@ -402,3 +403,42 @@ def test_budget_world_size_change_reads_the_remainder_once(dataset: Path, proc: 
     rest = [k for rank in tail for k in flat(rank)]
     assert len(seen) == 5 * 2 * 2 and not set(seen) & set(rest)
     assert sorted(seen + rest) == GOOD_KEYS
+
+
+def test_balanced_slots_leave_remainders_within_one_shard() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        names = [f"s{i}" for i in range(rng.randint(1, 9))]
+        left = {n: rng.randint(0, 12) for n in names}
+        slots = rng.randint(1, 4)
+        dealt = balanced_slots(names, left, slots)
+        assert set(dealt) == set(names) and set(dealt.values()) <= set(range(slots))
+        load = [sum(left[n] for n in names if dealt[n] == k) for k in range(slots)]
+        assert max(load) - min(load) <= max(left.values())
+
+
+def test_world_size_change_deals_the_remainder_evenly_and_resumes_exactly(
+    dataset: Path, proc: SampleProcessor
+) -> None:
+    """1 slot interleaving 4 open shards, resumed on 2 ranks: each new slot owes about half of what is left, and
+    the re-dealt slots survive a second resume on the new topology."""
+    kw = {"num_workers": 0, "resample": True, "open_shards": 4}
+    _, saved = run_ranks(dataset, proc, world=1, limit=3, **kw)
+    saved = json.loads(json.dumps(saved))
+    ranks = [loader(dataset, proc, rank=r, world_size=2, state=saved, **kw) for r in range(2)]
+    consumed, sizes = saved["epoch_consumed"]["0"], saved["shard_samples"]
+    left = [
+        sum(
+            sizes[s.name] - consumed.get(s.name, 0)
+            for s in (r.shards[i] for i in r.dataset().assigned(r.rank, 0))
+        )
+        for r in ranks
+    ]
+    assert abs(left[0] - left[1]) <= max(SHARD_SIZES)
+    full = [batches(r, 4) for r in ranks]
+    mid, state = run_ranks(dataset, proc, world=2, state=saved, limit=2, **kw)
+    assert state["epoch_slots"]["0"]["slots"] == 2
+    tail, _ = run_ranks(dataset, proc, world=2, state=json.loads(json.dumps(state)), limit=2, **kw)
+    assert [m + t for m, t in zip(mid, tail, strict=True)] == full

@@ -133,6 +133,7 @@ def stage_config(held: HeldOut, engine: str, precision: str, every: int = 0) -> 
     cfg = tiny_stage_config(2, held.data, max_steps=2, save_every=0, train={"engine": engine})
     cfg["train"]["precision"] = precision
     cfg["init_from"] = str(held.init)
+    cfg.pop("model")  # init_from supplies the model; a block beside it is refused
     cfg["validation"] = {
         "data": held.source,
         "every": every,

@@ -37,7 +37,7 @@ import sys
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,23 @@ def slot_shards(
 ) -> list[int]:
     """Shard indices slot ``slot`` reads in epoch ``epoch``: round-robin over that epoch's order."""
     return shard_order(num_shards, seed, epoch, shuffle)[slot::num_slots]
+
+
+def balanced_slots(order: Sequence[str], remaining: Mapping[str, int], num_slots: int) -> dict[str, int]:
+    """Slot of every shard of an interrupted epoch resumed on ``num_slots`` slots, balancing what is left.
+
+    After a world-size change the old slots have read different amounts of their shards (several are open
+    at once), so round-robin would leave some new slots more samples than others, and those would still be
+    in this epoch while the rest start the next one. Largest remainder first, each to the least loaded
+    slot (ties: the epoch order, then the lowest slot): the remainders differ by at most one shard's.
+    """
+    load = [0] * num_slots
+    out: dict[str, int] = {}
+    for name in sorted(order, key=lambda n: -remaining[n]):  # stable: ties keep the epoch order
+        slot = min(range(num_slots), key=lambda k: (load[k], k))
+        out[name] = slot
+        load[slot] += remaining[name]
+    return out
 
 
 def sample_order(num_samples: int, seed: int, epoch: int, shard: str, shuffle: bool) -> list[int]:
@@ -351,7 +368,10 @@ class ShardStream(IterableDataset):
         known_samples: dict[str, int],
         role_offset: int,
         open_shards: int = DEFAULT_OPEN_SHARDS,
+        epoch_slots: dict[int, dict[str, int]] | None = None,
     ) -> None:
+        """``epoch_slots``: epoch -> shard -> slot for epochs re-dealt by a world-size change (others are
+        round-robin over the epoch's shard order)."""
         super().__init__()
         self.shards = list(shards)
         self.processor = processor
@@ -367,10 +387,19 @@ class ShardStream(IterableDataset):
         self.known_samples = known_samples
         self.role_offset = role_offset
         self.open_shards = open_shards
+        self.epoch_slots = epoch_slots or {}
 
     @property
     def num_slots(self) -> int:
         return self.world_size * self.workers_per_rank
+
+    def assigned(self, slot: int, epoch: int) -> list[int]:
+        """Shard indices ``slot`` reads in ``epoch``, in the epoch's order."""
+        dealt = self.epoch_slots.get(epoch)
+        if dealt is None:
+            return slot_shards(len(self.shards), self.num_slots, slot, self.seed, epoch, self.shuffle)
+        order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+        return [i for i in order if dealt[self.shards[i].name] == slot]
 
     def __iter__(self) -> Generator[Batch, None, None]:
         info = get_worker_info()
@@ -431,7 +460,7 @@ class ShardStream(IterableDataset):
         """
         epoch = 0
         while True:
-            assigned = slot_shards(len(self.shards), self.num_slots, slot, self.seed, epoch, self.shuffle)
+            assigned = self.assigned(slot, epoch)
             if not assigned:
                 return  # an idle slot: fewer shards than slots
             fresh = not any(self.consumed.get(epoch, {}).get(self.shards[i].name) for i in assigned)
@@ -602,6 +631,7 @@ class StreamLoader:
         self._next_role = 0
         self._batches = 0
         self._corrupt: dict[str, str] = {}
+        self._epoch_slots: dict[int, dict[str, int]] = {}
         if state is not None:
             self._load(state)
         self._check_slots()
@@ -675,6 +705,7 @@ class StreamLoader:
             known_samples=dict(self._known),
             role_offset=self._next_role,
             open_shards=self.open_shards,
+            epoch_slots={e: dict(d) for e, d in self._epoch_slots.items()},
         )
 
     def __iter__(self) -> Generator[Batch, None, None]:
@@ -792,6 +823,7 @@ class StreamLoader:
             "batches_delivered": {str(self.rank): self._batches},
             "open_shards": self.open_shards,
             "corrupt_shards": self.corrupt_shards(),
+            "epoch_slots": _epoch_slots_json(self._epoch_slots, self.world_size * self.workers_per_rank),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -828,10 +860,38 @@ class StreamLoader:
             self.world_size,
             self.workers_per_rank,
         )
+        slots = self.world_size * self.workers_per_rank
+        saved = state.get("epoch_slots", {})
         if same_topology:
             self._next_role = int(state["next_role"][str(self.rank)])
             self._batches = int(state["batches_delivered"][str(self.rank)])
+            self._epoch_slots = {
+                int(e): {k: int(v) for k, v in d["shards"].items()} for e, d in saved.items()
+            }
+        else:
+            self._epoch_slots = self._redeal(slots)
         self._corrupt = {str(k): str(v) for k, v in state.get("corrupt_shards", {}).items()}
+
+    def _redeal(self, slots: int) -> dict[int, dict[str, int]]:
+        """Balanced slots for every epoch the saved run had started (world size changed)."""
+        out: dict[int, dict[str, int]] = {}
+        for epoch, done in self._consumed.items():
+            if not any(done.values()):
+                continue
+            order = [
+                self.shards[i].name for i in shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+            ]
+            # A shard never read has an unknown size until opened: count it as the largest known one.
+            typical = max(self._known.values(), default=1)
+            left = {n: max(0, self._known.get(n, typical) - done.get(n, 0)) for n in order}
+            out[epoch] = balanced_slots(order, left, slots)
+        return out
+
+
+def _epoch_slots_json(epoch_slots: dict[int, dict[str, int]], slots: int) -> dict[str, Any]:
+    return {
+        str(e): {"slots": slots, "shards": dict(sorted(d.items()))} for e, d in sorted(epoch_slots.items())
+    }
 
 
 def _check_state(state: dict[str, Any]) -> None:
@@ -857,8 +917,16 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for s in states:
         _check_state(s)
     first = states[0]
-    for key in ("version", "seed", "shuffle", "world_size", "workers_per_rank", "base_counters"):
-        values = {json.dumps(s[key], sort_keys=True) for s in states}
+    for key in (
+        "version",
+        "seed",
+        "shuffle",
+        "world_size",
+        "workers_per_rank",
+        "base_counters",
+        "epoch_slots",
+    ):
+        values = {json.dumps(s.get(key), sort_keys=True) for s in states}
         if len(values) > 1:
             raise ValueError(
                 f"states disagree on {key!r} ({sorted(values)}); they come from different runs or resumes"
@@ -903,6 +971,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "corrupt_shards": dict(
             sorted({k: v for s in states for k, v in s.get("corrupt_shards", {}).items()}.items())
         ),
+        "epoch_slots": first.get("epoch_slots", {}),
     }
 
 

@@ -19,6 +19,7 @@ import torch
 from rich.table import Table
 
 from vlmtrain.config.schema import ModelConfig, StageConfig
+from vlmtrain.models.loss import CHUNK_BYTES
 from vlmtrain.train.flops import (
     BatchLayout,
     FlopCount,
@@ -128,10 +129,22 @@ KNOWN_LANGUAGE = {
 
 # ---- memory model -----------------------------------------------------------------------------------------
 BF16, FP32 = 2, 4
-HEAD_BYTES_PER_LOGIT = 12
-"""Peak bytes per (supervised token, vocabulary entry) of today's loss path: bf16 logits, their fp32 copy, the fp32
-log-softmax cross-entropy saves and its gradient. Measured (issue 12, CPU): 5.3 GiB above the model for 3,072
-supervised tokens at Qwen's 151,936 x 896 head, 12.2 bytes each."""
+LOSS_CHUNK_PEAK_BYTES = CHUNK_BYTES * 3 // 2
+"""The chunked loss's transient peak (models/loss.py): one chunk's fp32 logits and its softmax gradient cast to the
+compute dtype. Measured (benchmarks/bench_loss_memory.py, fp32 on CPU, where the cast is free): 287 MiB above the
+model for 3,072 supervised tokens at Qwen's head, against 5.3 GiB for full logits."""
+
+
+def head_activation_bytes(supervised_tokens: int, hidden: int, vocab: int, head_trains: bool) -> int:
+    """Peak bytes the loss adds: the unit hidden-state gradient of every supervised token (compute dtype), one
+    chunk's logits, and, when the head trains, its fp32 weight-gradient accumulator."""
+    return (
+        supervised_tokens * hidden * BF16
+        + LOSS_CHUNK_PEAK_BYTES
+        + (vocab * hidden * FP32 if head_trains else 0)
+    )
+
+
 PAPER_A800_HOURS = {"stage0": 1.0, "stage1": 1.0, "stage2": 12.0}
 """Section IV-A of the paper: one A800 80GB; stage 0 1 h, stage 1 1 h, stage 2 4 + 8 h (14 h; stage 3 not timed)."""
 
@@ -356,8 +369,9 @@ def plan_stage(
     )
     gpu_hours = flops.model / (mfu * peak_tflops * 1e12) / 3600
 
+    # A token-budget micro-batch holds at most token_budget positions, whatever its row count.
     row = stage.data.pack_length or stage.data.max_length
-    tokens_in_row = micro * row
+    tokens_in_row = stage.data.token_budget or micro * row
     acts = stack_activation_bytes(
         shape.language, shape.language.layers, setup.language_checkpointed, tokens_in_row
     )
@@ -366,7 +380,9 @@ def plan_stage(
             shape.vision, shape.vision_layers_used, setup.vision_checkpointed, micro * image
         )
     supervised_share = supervised / sample_tokens
-    acts += int(tokens_in_row * supervised_share) * shape.vocab * HEAD_BYTES_PER_LOGIT
+    acts += head_activation_bytes(
+        int(tokens_in_row * supervised_share), shape.language.hidden, shape.vocab, setup.language_trains
+    )
     memory = Memory(
         weights=BF16 * params,
         gradients=FP32 * trainable // gpus,
