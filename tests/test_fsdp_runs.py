@@ -65,7 +65,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> TrainData:
 
 def chain_configs(data: TrainData, engine: str) -> list[dict[str, Any]]:
     return [
-        tiny_stage_config(i, data, max_steps=CHAIN_STEPS, save_every=2, train={"engine": engine})
+        tiny_stage_config(
+            i, data, max_steps=CHAIN_STEPS, save_every=2, train={"engine": engine}, precision="bf16"
+        )
         for i in range(4)
     ]
 

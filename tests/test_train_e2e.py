@@ -51,7 +51,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory, data: TrainData) -> tuple[li
     """Stages 0, 1, 2, 3 (from the shipped JSONs) in one 2-rank command: 4 steps each, accumulation 2."""
     root = tmp_path_factory.mktemp("chain")
     configs = [
-        tiny_stage_config(i, data, max_steps=CHAIN_STEPS, save_every=CHAIN_SAVE_EVERY, num_workers=1)
+        tiny_stage_config(
+            i, data, max_steps=CHAIN_STEPS, save_every=CHAIN_SAVE_EVERY, num_workers=1, precision="bf16"
+        )
         for i in range(4)
     ]
     paths = [write_config(c, root / f"stage{i}.json") for i, c in enumerate(configs)]

@@ -146,10 +146,14 @@ def tiny_stage_config(
     micro_batch_size: int = 2,
     num_workers: int = 1,
     train: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """The shipped `stage{stage}.json` with only size-related keys replaced.
+    """The shipped `stage{stage}.json` with only size-related keys and the compute precision replaced.
 
-    Modules, LRs, mask, noise, optimizer, precision, engine, DeepSpeed config and init_from stay as shipped.
+    Modules, LRs, mask, noise, optimizer, engine, DeepSpeed config and init_from stay as shipped. Compute is fp32
+    unless a test is about bf16: CPU runners without native bf16 (AVX2 only) emulate it about 20x slower
+    (vlmtrain.precision.cpu_bf16_warning); the chain of the shipped presets and the engine-agreement tests
+    pass precision="bf16".
     The model becomes the tiny one (used by stage 0; later stages load the previous stage's output), data
     points at the test shards (stage 3: instruction data; stages 0-2: recaps), and the run is a few steps.
     """
@@ -159,7 +163,9 @@ def tiny_stage_config(
         train=str(data.instruct if stage == 3 else data.recap), max_length=MAX_LENGTH, num_workers=num_workers
     )
     cfg["batch"] = {"global_batch_size": global_batch_size, "micro_batch_size": micro_batch_size}
-    cfg["train"].update(max_steps=max_steps, save_every=save_every, **(train or {}))
+    cfg["train"].update(
+        {"precision": precision, "max_steps": max_steps, "save_every": save_every, **(train or {})}
+    )
     return cfg
 
 

@@ -107,6 +107,8 @@ def _stage_configs(
             save_every=max(10, cfg.stage_steps[stage] // 2),
             seed=cfg.seed,
             gradient_checkpointing=False,
+            # fp32 compute: most CPUs lack native bf16 and emulate it ~20x slower (vlmtrain.precision).
+            precision="fp32",
         )
         data["optim"]["warmup_ratio"] = 0.05
         if variant.mask == "causal":

@@ -33,6 +33,7 @@ from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_c
 from vlmtrain.models.loss import supervised_index
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
+from vlmtrain.precision import cpu_bf16_warning
 from vlmtrain.train import checkpoint as ckpt
 from vlmtrain.train.engines import Engine, make_engine
 from vlmtrain.train.flops import FlopCount, StepFlopModel, resolve_peak_tflops, throughput
@@ -392,6 +393,9 @@ class Trainer:
         self.model.train()
         engine = self._build_engine()
         self.console.print(f"{stage.name}: {engine.precision.describe()}")
+        slow = cpu_bf16_warning(engine.precision, self.ctx.device)
+        if slow is not None:
+            self.console.print(f"[yellow]{stage.name}: warning: {slow}[/]")
         peak, peak_source = resolve_peak_tflops(
             stage.train.peak_tflops, self.ctx.device, stage.train.precision
         )
