@@ -550,6 +550,18 @@ def test_candidate_pool_deduplicates_and_samples_deterministically() -> None:
     assert candidate_pool(tokenized, 10) == [0, 1, 3, 4, 6]
 
 
+def test_candidate_pool_always_keeps_the_most_frequent() -> None:
+    # 100 distinct captions, "common k" repeated 50 - k times: under a cap of 12 with 5 kept by frequency, the
+    # five most repeated are in every seed's pool, and the rest is a sample of the others.
+    tokenized = [f"rare {i}" for i in range(90)] + [f"common {k}" for k in range(10) for _ in range(50 - k)]
+    first = {t: tokenized.index(t) for t in tokenized}
+    for seed in range(5):
+        pool = candidate_pool(tokenized, 12, seed=seed, most_frequent=5)
+        assert len(pool) == 12 and pool == sorted(pool)
+        assert {first[f"common {k}"] for k in range(5)} <= set(pool)
+    assert len({tuple(candidate_pool(tokenized, 12, seed=s, most_frequent=5)) for s in range(5)}) > 1
+
+
 @pytest.mark.slow
 def test_best_constant_caption_matches_brute_force() -> None:
     caption, metrics = best_constant_caption(TINY_REFS)

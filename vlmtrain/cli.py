@@ -480,12 +480,22 @@ def demo(
         "--compare-captions",
         help="Also pre-train stages 0-2 on short captions; table + DIR/compare_captions.png.",
     ),
+    compare_stages: bool = typer.Option(
+        False,
+        "--compare-stages",
+        help="Also train without stages 0-1 (stage 2 from the warm start, same total steps); table + plot.",
+    ),
     steps: str = typer.Option("60,60,300,400", "--steps", help="Optimizer steps of stages 0,1,2,3."),
     warmstart_steps: str = typer.Option("300,300", "--warmstart-steps", help="Warm-start steps: LM,vision."),
     seed: int = typer.Option(0, "--seed"),
+    tweak: list[str] = typer.Option(
+        [],
+        "--tweak",
+        help="FIELD=VALUE override of a DemoConfig field (docs/demo.md's experiments); repeatable.",
+    ),
 ) -> None:
     """The whole framework on a CPU in minutes: synthetic data, shards, four stages, evaluation vs baselines."""
-    from vlmtrain.demo.run import DemoConfig, run_demo
+    from vlmtrain.demo.run import DemoConfig, apply_tweaks, run_demo
 
     _mask(mask)
     stage_steps = _positive_ints(steps, 4, "--steps")
@@ -498,10 +508,15 @@ def demo(
         mask=mask,
         compare_masks=compare_masks,
         compare_captions=compare_captions,
+        compare_stages=compare_stages,
         stage_steps=stage_steps,  # type: ignore[arg-type]
         lm_warmstart_steps=lm_steps,
         vision_warmstart_steps=vision_steps,
     )
+    try:
+        cfg = apply_tweaks(cfg, tweak)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--tweak") from None
     run_demo(cfg, console)
 
 

@@ -1,4 +1,5 @@
-"""The demo's two ablations, each as a table and a plot: prefix vs causal mask, recap vs short captions.
+"""The demo's ablations, each as a table and a plot: prefix vs causal mask, recap vs short captions, with vs
+without the alignment stages 0-1.
 
 Both compare variants trained from the same warm-started components, data order and steps, so every
 difference in loss or score comes from the one setting that differs.
@@ -6,6 +7,7 @@ difference in loss or score comes from the one setting that differs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ class Comparison:
     """Two or more variants that differ in one setting."""
 
     name: str
-    """File stem and key in summary.json: `masks` or `captions`."""
+    """File stem and key in summary.json: `masks`, `captions` or `stages`."""
     title: str
     variants: tuple[str, ...]
     note: str
@@ -56,13 +58,16 @@ def comparison_rows(
 ) -> list[tuple[str, list[float]]]:
     """(label, one value per variant): loss early and late in every stage, then the test-split scores."""
     rows: list[tuple[str, list[float]]] = []
-    stages = sorted(curves[comparison.variants[0]])
+    stages = sorted({s for v in comparison.variants for s in curves[v]})
     for stage in stages:
         for label, (start, end) in (("first 10%", (0.0, 0.1)), ("last 10%", (0.9, 1.0))):
             rows.append(
                 (
                     f"stage {stage} train loss, {label} of steps",
-                    [window_mean(curves[v][stage], start, end) for v in comparison.variants],
+                    [
+                        window_mean(curves[v][stage], start, end) if stage in curves[v] else math.nan
+                        for v in comparison.variants
+                    ],
                 )
             )
     for group, key, label in SCORE_ROWS:
@@ -81,9 +86,10 @@ def comparison_table(comparison: Comparison, rows: Sequence[tuple[str, Sequence[
         table.add_column(f"{comparison.variants[1]} - {comparison.variants[0]}", justify="right")
     for label, values in rows:
         digits = 3 if "loss" in label else 1
-        cells = [f"{x:.{digits}f}" for x in values]
+        cells = ["-" if math.isnan(x) else f"{x:.{digits}f}" for x in values]
         if pair:
-            cells.append(f"{values[1] - values[0]:+.{digits}f}")
+            diff = values[1] - values[0]
+            cells.append("-" if math.isnan(diff) else f"{diff:+.{digits}f}")
         table.add_row(label, *cells)
     return table
 
@@ -95,10 +101,12 @@ def plot_comparison(comparison: Comparison, curves: Mapping[str, Mapping[int, Cu
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = sorted(curves[comparison.variants[0]])
+    stages = sorted({s for v in comparison.variants for s in curves[v]})
     fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.4), dpi=110, squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
         for variant in comparison.variants:
+            if stage not in curves[variant]:
+                continue  # a variant without this stage (--compare-stages)
             steps, losses = zip(*curves[variant][stage], strict=True)
             ax.plot(steps, moving_average(losses, max(1, len(losses) // 20)), label=variant, linewidth=1.4)
         ax.set_title(f"stage {stage}")
@@ -131,6 +139,9 @@ def as_json(
     return {
         "variants": list(comparison.variants),
         "note": comparison.note,
-        "rows": {label: dict(zip(comparison.variants, values, strict=True)) for label, values in rows},
+        "rows": {
+            label: {v: None if math.isnan(x) else x for v, x in zip(comparison.variants, values, strict=True)}
+            for label, values in rows
+        },
         "plot": str(plot),
     }

@@ -8,6 +8,7 @@ presets', with batch, step counts and one global LR scale adapted to the tiny mo
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class DemoConfig:
     """Also train the other mask and compare (the paper's prefix-vs-causal comparison)."""
     compare_captions: bool = False
     """Also train stages 0-2 on short human-style captions instead of recaps (the paper's finding 2)."""
+    compare_stages: bool = False
+    """Also train without stages 0-1, stage 2 from the warm start with their steps (the paper's finding 3)."""
     stage_steps: tuple[int, int, int, int] = (60, 60, 300, 400)
     lm_warmstart_steps: int = 300
     vision_warmstart_steps: int = 300
@@ -74,6 +77,39 @@ class DemoConfig:
     eval_batch: int = 50
     examples: int = 4
     stages_only: tuple[int, ...] = field(default=(0, 1, 2, 3))
+    dense_warmstart: bool = True
+    """Warm-start the vision tower with the per-patch cell objective too (demo.warmstart); False: contrastive only."""
+
+
+def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
+    """`cfg` with `FIELD=VALUE` overrides of DemoConfig fields (the single-change experiments of docs/demo.md).
+
+    Values parse by the field's default: bools (true/false), ints, floats, comma-separated int tuples, strings.
+    """
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig) if f.name != "out"}
+    changes: dict[str, Any] = {}
+    for tweak in tweaks:
+        name, sep, raw = tweak.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(
+                f"--tweak {tweak!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}"
+            )
+        default = getattr(cfg, name)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value: Any = raw.lower() == "true"
+            elif isinstance(default, tuple):
+                value = tuple(int(v) for v in raw.split(","))
+            else:
+                value = type(default)(raw)
+        except ValueError as err:
+            raise ValueError(f"--tweak {tweak!r}: {err}") from None
+        changes[name] = value
+    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
@@ -81,6 +117,11 @@ class Variant:
     name: str
     mask: str
     captions: str  # "recap" or "short"
+    align: bool = True
+    """False: no stages 0-1; stage 2 starts from the warm start and also gets their steps (--compare-stages)."""
+
+    def stages(self, cfg: DemoConfig) -> tuple[int, ...]:
+        return tuple(s for s in cfg.stages_only if self.align or s >= 2)
 
 
 def _stage_configs(
@@ -89,7 +130,7 @@ def _stage_configs(
     """The shipped presets with the demo's model, data, batch, steps and LR scale written in."""
     out = []
     dest.mkdir(parents=True, exist_ok=True)
-    for stage in cfg.stages_only:
+    for stage in variant.stages(cfg):
         data = read_json(shipped_stage_path(stage))
         data["model"] = {
             "vision": str(init / "vision"),
@@ -102,9 +143,13 @@ def _stage_configs(
         source = "instruct" if stage == 3 else variant.captions
         data["data"].update(train=str(shards / source / "manifest.json"), max_length=512, num_workers=1)
         data["batch"] = {"global_batch_size": cfg.global_batch, "micro_batch_size": cfg.micro_batch}
+        steps = cfg.stage_steps[stage]
+        if stage == 2 and not variant.align:  # the same total steps: stage 2 gets those of stages 0-1
+            steps += cfg.stage_steps[0] + cfg.stage_steps[1]
+            data["init_from"] = None  # built from the warm-started components in `model`
         data["train"].update(
-            max_steps=cfg.stage_steps[stage],
-            save_every=max(10, cfg.stage_steps[stage] // 2),
+            max_steps=steps,
+            save_every=max(10, steps // 2),
             seed=cfg.seed,
             gradient_checkpointing=False,
             # fp32 compute: most CPUs lack native bf16 and emulate it ~20x slower (vlmtrain.precision).
@@ -125,6 +170,7 @@ class Demo:
         self.console = console or Console()
         self.out = cfg.out
         self.timings: dict[str, float] = {}
+        self.variants: list[Variant] = []
 
     def _timed(self, name: str, fn, *args, **kwargs):
         self.console.rule(f"[bold cyan]{name}")
@@ -211,6 +257,12 @@ class Demo:
             (corpus.images / rec["image"], rec["conversations"][1]["value"])
             for rec in records[corpus.short_train]
         ]
+        scenes = None
+        if c.dense_warmstart:
+            by_image = {
+                row["image"]: row for row in map(json.loads, corpus.scenes_train.read_text().splitlines())
+            }
+            scenes = [by_image[rec["image"]] for rec in records[corpus.short_train]]
         tower = self._warm(
             "vision tower",
             c.vision_warmstart_steps,
@@ -222,6 +274,7 @@ class Demo:
                 c.vision_warmstart_steps,
                 seed=c.seed,
                 on_step=cb,
+                scenes=scenes,
             ),
         )
         tower.save_pretrained(str(init / "vision"))
@@ -297,7 +350,9 @@ class Demo:
         }
 
     # ---- reporting ---------------------------------------------------------------------------------------
-    def report(self, results: dict[str, dict], base: dict[str, Any], main: str) -> None:
+    def report(
+        self, results: dict[str, dict], base: dict[str, Any], main: str, per_type: dict[str, dict[str, float]]
+    ) -> None:
         from vlmtrain.eval.report import metrics_table, vqa_table
 
         rows = [(f"model ({name})", r["caption"]) for name, r in results.items()]
@@ -306,9 +361,57 @@ class Demo:
         vrows = [(f"model ({name})", r["vqa"]) for name, r in results.items()]
         vrows.append((f"majority answer {base['majority_answers']}", base["vqa"]))
         self.console.print(vqa_table(vrows, "VQA on the test split (x100)"))
+        self.report_types(per_type, main)
         self._examples(main)
 
+    def by_question_type(self, corpus, eval_dir: Path) -> dict[str, dict[str, float]]:
+        """Accuracy per question type of the model in `eval_dir` and of the majority training answer of each
+        question type (a stronger baseline than one answer per answer type: e.g. the most common color)."""
+        from vlmtrain.eval.vqa_metrics import normalize_answer
+
+        gold = {g["id"]: g for g in map(json.loads, corpus.vqa_test.read_text().splitlines())}
+        preds = {
+            p["question_id"]: p["answer"]
+            for p in json.loads((eval_dir / "vqa" / "predictions.json").read_text())
+        }
+        counts = json.loads(corpus.vqa_train_answers.read_text())["by_question_type"]
+        majority = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in counts.items()}
+        hits: dict[str, list[tuple[float, float]]] = {}
+        for qid, g in gold.items():
+            truth = normalize_answer(g["answer"])
+            model = float(normalize_answer(preds[qid]) == truth)
+            base = float(normalize_answer(majority.get(g["question_type"], "")) == truth)
+            hits.setdefault(g["question_type"], []).append((model, base))
+        return {
+            t: {
+                "model": sum(m for m, _ in h) / len(h),
+                "majority": sum(b for _, b in h) / len(h),
+                "majority_answer": majority.get(t, ""),
+                "n": len(h),
+            }
+            for t, h in sorted(hits.items())
+        }
+
+    def report_types(self, per_type: dict[str, dict[str, float]], main: str) -> None:
+        table = Table(title=f"VQA accuracy per question type ({main}, x100)")
+        for col in ("question type", "questions", "model", "majority answer of the type", "majority"):
+            table.add_column(
+                col, justify="left" if col.startswith(("question type", "majority answer")) else "right"
+            )
+        for t, r in per_type.items():
+            table.add_row(
+                t,
+                str(r["n"]),
+                f"{100 * r['model']:.1f}",
+                repr(r["majority_answer"]),
+                f"{100 * r['majority']:.1f}",
+            )
+        self.console.print(table)
+
     def _examples(self, main: str) -> None:
+        # A seeded random draw, not the first rows: the first test images are no better or worse than others,
+        # but a fixed head of the file would always show the same few.
+        rng = random.Random(self.cfg.seed)
         preds = json.loads((self.out / "eval" / "predictions.json").read_text())
         refs = json.loads((self.out / "eval" / "references.json").read_text())["annotations"]
         by_image: dict[Any, list[str]] = {}
@@ -318,14 +421,14 @@ class Demo:
         table.add_column("image")
         table.add_column("model")
         table.add_column("a reference")
-        for p in preds[: self.cfg.examples]:
+        for p in rng.sample(preds, min(self.cfg.examples, len(preds))):
             table.add_row(str(p["image_id"]), p["caption"], by_image[p["image_id"]][0])
         self.console.print(table)
         qa = json.loads((self.out / "eval" / "vqa" / "predictions.json").read_text())
         table = Table(title=f"Example answers ({main})")
         for col in ("question", "model", "truth"):
             table.add_column(col)
-        for r in qa[: 2 * self.cfg.examples]:
+        for r in rng.sample(qa, min(2 * self.cfg.examples, len(qa))):
             table.add_row(r["question"], r["answer"], r["gold"])
         self.console.print(table)
 
@@ -333,7 +436,8 @@ class Demo:
         from vlmtrain.logging import loss_curve
 
         runs = self.out / "variants" / variant / "runs"
-        return {stage: loss_curve(runs / f"stage{stage}" / "metrics.jsonl") for stage in self.cfg.stages_only}
+        stages = next(v for v in self.variants if v.name == variant).stages(self.cfg)
+        return {stage: loss_curve(runs / f"stage{stage}" / "metrics.jsonl") for stage in stages}
 
     def plot(self, variant: str) -> Path:
         from vlmtrain.logging import plot_loss_curves
@@ -387,6 +491,19 @@ class Demo:
                     "the paper's Fig. 5); stage 3 trains both on the same conversations.",
                 )
             )
+        if c.compare_stages:
+            direct = f"{c.mask}-without-stages-0-1"
+            variants.append(Variant(direct, c.mask, "recap", align=False))
+            comparisons.append(
+                Comparison(
+                    "stages",
+                    "With vs without the alignment stages 0-1 (the paper's finding 3)",
+                    (c.mask, direct),
+                    "Same components, data and total steps: without stages 0-1, stage 2 starts from the warm "
+                    "start (random projector) and runs their steps too; stage 3 is the same.",
+                )
+            )
+        self.variants = variants
         results = {}
         for v in variants:
             root = self._timed(f"3/5 stages 0-3 ({v.name})", self.train_variant, v, init, shards, ctx)
@@ -398,7 +515,11 @@ class Demo:
             shutil.rmtree(self.out / "eval")
         shutil.copytree(self.out / "variants" / main / "eval", self.out / "eval")
         base = self._timed("5/5 baselines", self.baselines, corpus, self.out / "eval")
-        self.report(results, base, main)
+        for v in variants:
+            results[v.name]["vqa_by_type"] = self.by_question_type(
+                corpus, self.out / "variants" / v.name / "eval"
+            )
+        self.report(results, base, main, results[main]["vqa_by_type"])
         plot = self.plot(main)
         compared = {comp.name: self.compare(comp, results) for comp in comparisons}
         total = round(time.perf_counter() - t0, 1)

@@ -24,7 +24,7 @@ import random
 import re
 import threading
 import uuid
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,18 +569,27 @@ def constant_caption_cider(
     return np.array([_constant_cider(index, c) for c in tokenized_candidates], dtype=np.float64)
 
 
-def candidate_pool(tokenized: Sequence[str], max_candidates: int | None, seed: int = 0) -> list[int]:
-    """Indices of each distinct tokenized caption's first occurrence, in order, capped to a seeded sample.
+def candidate_pool(
+    tokenized: Sequence[str], max_candidates: int | None, seed: int = 0, most_frequent: int = 40
+) -> list[int]:
+    """Indices of each distinct tokenized caption's first occurrence, in order, capped to `max_candidates`.
 
-    The sample (of `max_candidates`, kept in order) is drawn only when a cap is given and exceeded.
+    Under a cap, the `most_frequent` distinct captions (by count; ties: first seen) are always kept, since a
+    caption repeated across images is where a constant prediction scores best, and a seeded random sample of
+    the others fills the rest. The kept indices are returned in order.
     """
     first_of: dict[str, int] = {}
+    counts: Counter[str] = Counter(tokenized)
     for k, tokens in enumerate(tokenized):
         first_of.setdefault(tokens, k)
     keep = list(first_of.values())
-    if max_candidates is not None and len(keep) > max_candidates:
-        keep = sorted(random.Random(seed).sample(keep, max_candidates))
-    return keep
+    if max_candidates is None or len(keep) <= max_candidates:
+        return keep
+    by_count = sorted(keep, key=lambda k: (-counts[tokenized[k]], k))
+    frequent = by_count[: min(most_frequent, max_candidates)]
+    rest = sorted(set(keep) - set(frequent))
+    sample = random.Random(seed).sample(rest, max_candidates - len(frequent))
+    return sorted(frequent + sample)
 
 
 def best_constant_caption(
@@ -593,7 +602,8 @@ def best_constant_caption(
     """The one caption that, predicted for every image, scores the highest CIDEr, and its full metrics.
 
     Candidates default to the reference captions themselves, deduplicated after tokenization; when more
-    than `max_candidates` remain, a random sample of that many (fixed `seed`) is searched. Explicit
+    than `max_candidates` remain, the 40 most frequent and a random sample of the others (fixed `seed`),
+    `max_candidates` in all, are searched. Explicit
     `candidates` are all searched. Ties go to the earliest candidate.
     """
     require_java()
