@@ -37,6 +37,7 @@ import json
 import logging
 import re
 import signal
+import subprocess
 import sys
 import tarfile
 import time
@@ -261,7 +262,8 @@ def _fetch(location: str, sha256: str | None) -> tuple[bytes, bool]:
             time.sleep(REMOTE_RETRY_DELAY_S * 2 ** (attempt - 1))
         try:
             data = _read_once(location)
-        except (OSError, ValueError) as err:
+        # OSError: the tool failed or is missing; SubprocessError: a pipe's close timed out
+        except (OSError, ValueError, subprocess.SubprocessError) as err:
             errors.append(_describe(location, err))
             logger.warning(
                 "%s: attempt %d of %d failed: %s", location, attempt + 1, REMOTE_ATTEMPTS, errors[-1]
