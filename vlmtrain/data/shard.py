@@ -5,22 +5,22 @@ input records (seeded by ``--seed``) goes to shard ``p // shard_size``, so every
 the whole corpus even when the input is ordered by source. ``--keep-order`` keeps input order (shard ``i``
 then holds input records ``[i * shard_size, (i + 1) * shard_size)``). Either way skipped records leave gaps
 instead of moving later records, so which shard a record lands in never depends on skips or on worker
-timing; sample keys stay the records' input indices. Tar headers carry no times or owners, so the same
-input and options always give byte-identical shards. Each finished shard gets a sidecar
-``{prefix}-{i:06d}.done.json``; a re-run keeps shards whose sidecar, size and sha256 still match.
+timing; sample keys stay the records' input indices. Tars are written with webdataset's ``TarWriter``,
+one member per ``write`` (so each sample's ``.json`` precedes its image) with fixed headers (mtime 0,
+uid/gid 0, no owner names, mode 0444), so the same input and options always give byte-identical shards.
+Each finished shard gets a sidecar ``{prefix}-{i:06d}.done.json``; a re-run keeps shards whose sidecar,
+size and sha256 still match.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
 import os
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -32,6 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from webdataset import TarWriter
 
 from vlmtrain import __version__
 from vlmtrain.data.formats import FormatSpec, Invalid, Item, ReadOptions, ReadStats, Record, get_format
@@ -391,7 +392,7 @@ def _write(job: _ShardJob) -> ShardResult:
     dropped: Counter[str] = Counter()
     examples: list[SkipExample] = []
     samples = 0
-    with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with open(tmp_path, "wb") as stream, _tar_writer(stream) as tar:
         for index, item in job.items:
             try:
                 members = build_sample(item, index, job.fmt, job.images, job.options)
@@ -479,12 +480,21 @@ def _image_data(record: Record, images: Path | None, max_pixels: int) -> bytes |
     return data
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata (TarInfo defaults mtime=0, uid=gid=0, empty uname/gname) makes shards reproducible.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
+def _tar_writer(stream: Any) -> TarWriter:
+    """webdataset's writer with reproducible headers (its defaults stamp the current time and "bigdata").
+
+    ``encoder=False``: members are written as the bytes build_sample made, never re-encoded by extension.
+    The tar format is tarfile's default (PAX), which writes plain ustar headers for these short ASCII
+    member names: the bytes equal a USTAR-format tar's.
+    """
+    return TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False)
+
+
+def _add_member(tar: TarWriter, name: str, data: bytes) -> None:
+    # One write per member: TarWriter sorts a sample's extensions ("jpg" before "json"), and the layout
+    # (docs/data_format.md) puts the json first. uid/gid stay TarInfo's 0.
+    key, ext = name.split(".", 1)
+    tar.write({"__key__": key, ext: data})
 
 
 def _sidecar(tar_path: Path) -> Path:

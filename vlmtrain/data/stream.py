@@ -12,9 +12,12 @@ Design (docs/data_pipeline.md has the long form):
   A slot skips that many (before decoding) on start; the open set and every draw are pure functions of
   those counts, so a resumed run continues exactly where the saved one stopped, and a different world
   size still reads every remaining sample once.
-- A damaged shard (unreadable, truncated, sha256 or sample count not as in the manifest) yields the
-  samples it still holds; the lost ones are consumed as ``corrupt_shard`` skips when it is opened, and
-  the shard is named in the state. Beyond ``max_corrupt_shards`` the loader raises.
+- A source (manifest or brace pattern) may name local files, URLs or ``pipe:`` commands: remote ones are
+  read through webdataset's gopen, whole into memory once per visit, with retries; only how a shard's
+  bytes are obtained differs, so the orders and the resume state are the same as from disk.
+- A damaged shard (unreadable or unreachable, truncated, sha256 or sample count not as in the manifest)
+  yields the samples it still holds; the lost ones are consumed as ``corrupt_shard`` skips when it is
+  opened, and the shard is named in the state. Beyond ``max_corrupt_shards`` the loader raises.
 - The DataLoader hands out batches round-robin over workers starting at worker 0; the state records
   which role comes next and resumed workers take rotated roles, so the same topology replays the
   uninterrupted order exactly.
@@ -32,18 +35,24 @@ import hashlib
 import io
 import json
 import logging
+import re
 import signal
+import subprocess
 import sys
 import tarfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen, gopen_schemes
 
 from vlmtrain.data.collate import Batch, budget_collate, pack_collate, pad_collate
 from vlmtrain.data.order import draw, permutation, splitmix64  # noqa: F401  (splitmix64: re-exported)
@@ -72,46 +81,148 @@ class ShardInfo:
     """One shard: its state name, where it is, and its sample count when a manifest gives it."""
 
     name: str
-    path: Path
+    path: Path | str
+    """A local file (Path), or a URL / ``pipe:`` command (str) read through webdataset's gopen."""
     samples: int | None
     sha256: str | None = None
     """Hex digest from the manifest; a shard whose bytes hash differently is counted as corrupt."""
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sources
+# Sources: local paths, URLs and pipe: commands (docs/data_format.md, "Training from a bucket or HTTP")
 # ---------------------------------------------------------------------------------------------------------
+
+# A remote read (URL or pipe: command) is tried this many times per shard visit, waiting REMOTE_RETRY_DELAY_S
+# before the second attempt and twice as long before each later one. These wrap the tool's own retries
+# (webdataset runs curl with --retry 30 for http(s)); module constants so tests can make the waits tiny.
+REMOTE_ATTEMPTS = 3
+REMOTE_RETRY_DELAY_S = 1.0
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+PIPE = "pipe:"
+# What curl's exit statuses mean (webdataset opens http(s) with curl -f -s -L).
+_CURL_EXITS = {
+    6: "the host name does not resolve",
+    7: "nothing accepts connections there (wrong host or port, server down, firewall)",
+    18: "the transfer ended early",
+    22: "the server answered with an HTTP error (wrong URL, missing object or no access)",
+    28: "it timed out",
+    35: "the TLS handshake failed",
+    60: "the server's TLS certificate is not trusted",
+}
+
+
+class RemoteReadError(FileNotFoundError):
+    """A URL or pipe: command gave no bytes after every attempt.
+
+    A FileNotFoundError, so callers that report a missing local manifest report an unreachable one alike.
+    """
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"{location}: {reason}")
+        self.location, self.reason = location, reason
+
+
+def is_remote(source: str | Path) -> bool:
+    """Whether ``source`` is read through webdataset's gopen (a URL or ``pipe:`` command, not ``file://``)."""
+    text = str(source)
+    return text.startswith(PIPE) or (_URL.match(text) is not None and not text.startswith("file:"))
 
 
 def load_source(source: str | Path) -> list[ShardInfo]:
-    """Shards of a ``manifest.json`` (names relative to its folder) or of a brace pattern / single path."""
+    """Shards of a ``manifest.json`` (names relative to it) or of a brace pattern / single path.
+
+    Either may be a local path, a ``file://``, ``http(s)://`` (or another scheme webdataset's gopen handles)
+    URL, or a ``pipe:`` command writing the file to stdout. A remote manifest is fetched now (a clear
+    RemoteReadError naming it when it cannot be); remote shards are only read when a worker opens them.
+    """
     text = str(source)
-    shards = _load_manifest(Path(text)) if text.endswith(".json") else _expand_pattern(text)
+    shards = _load_manifest(text) if _names_manifest(text) else _expand_pattern(text)
     if not shards:
         raise ValueError(f"{text}: names no shards")
     _check_unique_names(shards, text)
-    missing = [str(s.path) for s in shards if not s.path.is_file()]
+    missing = [str(s.path) for s in shards if isinstance(s.path, Path) and not s.path.is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise FileNotFoundError(f"{text}: {len(missing)} of {len(shards)} shard files are missing: {shown}")
     return shards
 
 
-def _load_manifest(path: Path) -> list[ShardInfo]:
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist; write shards with `vlmtrain shard` first")
+def _location(text: str) -> Path | str:
+    """A local Path, or the URL / pipe: command itself once gopen is known to handle it."""
+    if text.startswith("file:"):
+        return Path(url2pathname(urlsplit(text).path))
+    if not is_remote(text):
+        return Path(text)
+    if not text.startswith(PIPE):
+        scheme = text.split(":", 1)[0].lower()
+        if scheme not in gopen_schemes:
+            raise ValueError(
+                f"{text}: webdataset's gopen has no handler for {scheme}:// URLs; stream the object through its "
+                f"command line tool instead, e.g. 'pipe:aws s3 cp {text} -' (see docs/data_format.md)"
+            )
+    return text
+
+
+def _pipe_words(command: str) -> list[str]:
+    return [w.strip("'\"") for w in command[len(PIPE) :].split()]
+
+
+def _names_manifest(text: str) -> bool:
+    """A manifest, not a shard pattern: the path, URL path or a word of the pipe: command ends in .json."""
+    if text.startswith(PIPE):
+        return any(w.endswith(".json") for w in _pipe_words(text))
+    return (urlsplit(text).path if is_remote(text) else text).endswith(".json")
+
+
+def _shard_name(location: Path | str) -> str:
+    """The state name of a pattern's shard: its file name (a URL's last path segment; for a pipe: command,
+    that of its last word naming a .tar), so the same shards get the same names, orders and resume state
+    whether read from disk, over HTTP or through a command."""
+    if isinstance(location, Path):
+        return location.name
+    if location.startswith(PIPE):
+        tars = [w for w in _pipe_words(location) if ".tar" in w]
+        return tars[-1].rsplit("/", 1)[-1] if tars else location
+    return urlsplit(location).path.rsplit("/", 1)[-1] or location
+
+
+def _beside(manifest: Path | str, name: str) -> Path | str:
+    """Where shard ``name`` of a manifest is: next to it (same folder, URL folder, or the pipe: command with
+    the manifest's file name replaced by the shard's; a URL's query string, e.g. a SAS token, is kept)."""
+    if isinstance(manifest, Path):
+        return manifest.parent / name
+    if manifest.startswith(PIPE):
+        word = [w for w in _pipe_words(manifest) if w.endswith(".json")][-1]
+        at = manifest.rindex(word)
+        return manifest[:at] + word[: word.rfind("/") + 1] + name + manifest[at + len(word) :]
+    parts = urlsplit(manifest)
+    folder = parts.path[: parts.path.rfind("/") + 1]
+    return urlunsplit(parts._replace(path=folder + quote(name), fragment=""))
+
+
+def _load_manifest(source: str) -> list[ShardInfo]:
+    location = _location(source)
+    if isinstance(location, Path):
+        if not location.is_file():
+            raise FileNotFoundError(
+                f"manifest {location} does not exist; write shards with `vlmtrain shard` first"
+            )
+        data = location.read_bytes()
+    else:
+        data = fetch(location)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
         entries = manifest["shards"]
         return [
             ShardInfo(
-                str(e["name"]), path.parent / str(e["name"]), int(e["samples"]), _sha256(e.get("sha256"))
+                str(e["name"]), _beside(location, str(e["name"])), int(e["samples"]), _sha256(e.get("sha256"))
             )
             for e in entries
         ]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(
-            f"manifest {path}: expected {{'shards': [{{'name': str, 'samples': int, ...}}]}} ({err!r})"
+            f"manifest {source}: expected {{'shards': [{{'name': str, 'samples': int, ...}}]}} ({err!r})"
         ) from err
 
 
@@ -124,7 +235,88 @@ def _sha256(value: Any) -> str | None:
 
 
 def _expand_pattern(pattern: str) -> list[ShardInfo]:
-    return [ShardInfo(Path(p).name, Path(p), None) for p in braceexpand.braceexpand(pattern)]
+    locations = [_location(p) for p in braceexpand.braceexpand(pattern)]
+    return [ShardInfo(_shard_name(loc), loc, None) for loc in locations]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Remote reads
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fetch(location: str) -> bytes:
+    """The whole object at a URL, or a ``pipe:`` command's whole stdout, read with webdataset's gopen.
+
+    Raises RemoteReadError naming ``location``, why and the fix after REMOTE_ATTEMPTS failed attempts.
+    """
+    return _fetch(location, None)[0]
+
+
+def _fetch(location: str, sha256: str | None) -> tuple[bytes, bool]:
+    """The bytes, and whether they hash to ``sha256`` (True when None). A transfer that hashes differently
+    is fetched again like a failed one; after the last attempt its bytes are returned, flagged."""
+    errors: list[str] = []
+    data: bytes | None = None
+    for attempt in range(REMOTE_ATTEMPTS):
+        if attempt:
+            time.sleep(REMOTE_RETRY_DELAY_S * 2 ** (attempt - 1))
+        try:
+            data = _read_once(location)
+        # OSError: the tool failed or is missing; SubprocessError: a pipe's close timed out
+        except (OSError, ValueError, subprocess.SubprocessError) as err:
+            errors.append(_describe(location, err))
+            logger.warning(
+                "%s: attempt %d of %d failed: %s", location, attempt + 1, REMOTE_ATTEMPTS, errors[-1]
+            )
+            continue
+        if sha256 is None or hashlib.sha256(data).hexdigest() == sha256:
+            return data, True
+        logger.warning(
+            "%s: attempt %d of %d: its sha256 differs from the manifest's",
+            location,
+            attempt + 1,
+            REMOTE_ATTEMPTS,
+        )
+    if data is not None:
+        return data, False
+    raise RemoteReadError(
+        location,
+        f"could not be read after {REMOTE_ATTEMPTS} attempts (last: {errors[-1]}); {_fix(location)}",
+    )
+
+
+def _read_once(location: str) -> bytes:
+    stream = gopen(location, "rb")
+    try:
+        return stream.read()
+    finally:
+        stream.close()  # a pipe (pipe: command, or curl for http) raises here when it exited non-zero
+
+
+def _describe(location: str, err: Exception) -> str:
+    status = re.search(r"exit (\d+)", str(err))
+    if status is None:
+        return f"{type(err).__name__}: {err}"
+    code = int(status.group(1))
+    if location.startswith(PIPE):
+        return f"the command exited with status {code}"
+    meaning = _CURL_EXITS.get(code, "see `man curl`, EXIT CODES") if location.startswith("http") else None
+    reader = "curl" if location.startswith("http") else "the reader"
+    return f"{reader} exited with status {code}" + (f": {meaning}" if meaning else "")
+
+
+def _fix(location: str) -> str:
+    if location.startswith(PIPE):
+        return (
+            f"check that `{location[len(PIPE) :]} > /dev/null` works on this node (path, credentials, the tool "
+            "installed), then resume"
+        )
+    if location.startswith("http"):
+        return (
+            f"check that `curl -fsSL '{location}' -o /dev/null` works on this node (URL, access, network or "
+            "proxy), then resume"
+        )
+    return "check that webdataset's reader for this URL (webdataset.gopen) works on this node, then resume"
 
 
 def _check_unique_names(shards: Sequence[ShardInfo], source: str) -> None:
@@ -206,20 +398,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def read_shard(path: Path, sha256: str | None = None) -> ShardSamples:
+def read_shard(path: Path | str, sha256: str | None = None) -> ShardSamples:
     """Read a whole uncompressed tar into memory and group its members by key (no decoding).
 
-    Never raises for a damaged file: an unreadable one gives no samples; a truncated or garbled tar gives
-    the samples whose members all lie before the first bad header or the cut (the sample the cut may have
-    split is left out too); ``damage`` says what was wrong, including a sha256 that is not ``sha256``.
+    ``path``: a local file, or a URL / pipe: command (ShardInfo.path), fetched whole with retries.
+    Never raises for a damaged file: an unreadable (or, remote, unreachable) one gives no samples; a
+    truncated or garbled tar gives the samples whose members all lie before the first bad header or the cut
+    (the sample the cut may have split is left out too); ``damage`` says what was wrong, including a sha256
+    that is not ``sha256``.
     """
     try:
-        data = path.read_bytes()
+        data, intact = _shard_bytes(path, sha256)
+    except RemoteReadError as err:
+        return ShardSamples([], [], [], damage=f"unreadable ({err.reason})")
     except OSError as err:
         return ShardSamples([], [], [], damage=f"unreadable ({err})")
-    problems = []
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        problems.append("its sha256 differs from the manifest's")
+    problems = [] if intact else ["its sha256 differs from the manifest's"]
     infos, cut, cut_key = _tar_members(data)
     shard = _group_members(infos, memoryview(data))
     if cut is not None:
@@ -228,6 +422,15 @@ def read_shard(path: Path, sha256: str | None = None) -> ShardSamples:
             for column in (shard.keys, shard.members, shard.ignored):
                 column.pop()  # the sample the cut went through may lack members
     return dataclasses.replace(shard, damage="; ".join(problems) or None)
+
+
+def _shard_bytes(path: Path | str, sha256: str | None) -> tuple[bytes, bool]:
+    """The shard's bytes and whether they hash to ``sha256``; a local file is read once, a remote one with
+    retries (a remote transfer that hashes differently is fetched again)."""
+    if isinstance(path, str):
+        return _fetch(path, sha256)
+    data = path.read_bytes()
+    return data, sha256 is None or hashlib.sha256(data).hexdigest() == sha256
 
 
 def _tar_members(data: bytes) -> tuple[list[tarfile.TarInfo], str | None, str | None]:
