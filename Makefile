@@ -10,7 +10,7 @@ $(STAMP): setup.cfg setup.py
 	$(PY) -m venv $(VENV)
 	# The CPU build of torch first, so no dependency can pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,tensorboard]"
+	$(BIN)/pip install --quiet -e ".[dev,tensorboard,wandb]"
 	@java -version >/dev/null 2>&1 || (echo "Java is missing: installing OpenJDK 17 (needed by pycocoevalcap)"; \
 		apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	touch $(STAMP)

@@ -86,6 +86,9 @@ def type_text(tp: Any) -> str:
             return f"object: key -> [{value.__name__}](#{value.__name__.lower()})"
         return f"object: key -> {type_text(value)}"
     if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {type_text(args[0])}"
         return "[" + ", ".join(type_text(a) for a in get_args(tp)) + "]"
     names = {str: "string", int: "integer", float: "number", bool: "boolean"}
     if tp in names:
@@ -122,10 +125,11 @@ def key_path(cls: type) -> str:
     for parent in config_classes():
         hints = get_type_hints(parent)
         for f in dataclasses.fields(parent):
-            if cls in _dataclasses_in(hints[f.name]) and cls not in paths:
-                prefix = "" if parent is schema.StageConfig else paths[parent].strip("`") + "."
-                suffix = ".<group>" if get_origin(hints[f.name]) is dict else ""
-                paths[cls] = f"`{prefix}{f.name}{suffix}`"
+            for nested in _dataclasses_in(hints[f.name]):  # every section's path, so deeper ones find theirs
+                if nested not in paths:
+                    prefix = "" if parent is schema.StageConfig else paths[parent].strip("`") + "."
+                    suffix = ".<group>" if get_origin(hints[f.name]) is dict else ""
+                    paths[nested] = f"`{prefix}{f.name}{suffix}`"
     return paths[cls]
 
 

@@ -17,6 +17,7 @@ from vlmtrain.models.language import language_config_from_dict
 from vlmtrain.models.vlm import VisionLanguageModel
 from vlmtrain.train import run
 from vlmtrain.train.init_check import InitFromMismatch
+from vlmtrain.train.preflight import PreflightError
 from vlmtrain.train.trainer import FINAL
 
 WORLD_OF_ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -213,8 +214,9 @@ def test_a_chained_stage_not_run_yet_is_checked_before_anything_trains(tmp_path,
     s1 = load_stage_config(
         config=write_config(tmp_path / "s1.json", 1, model={**block, "projector_hidden_act": "relu"})
     )
-    with pytest.raises(InitFromMismatch, match=r"stage stage1: .*trained earlier in this run") as err:
+    with pytest.raises(PreflightError, match=r"stage1 init_from: .*trained earlier in this run") as err:
         run.run_stages([s0, s1], tmp_path / "run", WORLD_OF_ONE)
+    assert any(isinstance(c, InitFromMismatch) for c in err.value.causes)
     assert '"relu" here, "gelu" in the checkpoint' in str(err.value)
     assert attempts == [] and not (tmp_path / "run").exists()
     # The same block with only attn_backend changed agrees with the planned stage-0 block.
@@ -226,7 +228,7 @@ def test_a_chained_stage_not_run_yet_is_checked_before_anything_trains(tmp_path,
         **{**block, "attn_backend": "eager"}
     )
     # An init_from that names neither an earlier stage nor a directory fails up front too.
-    with pytest.raises(FileNotFoundError, match="init_from='stage0' found no model"):
+    with pytest.raises(PreflightError, match="stage1 init_from: init_from='stage0' found no model"):
         run.run_stages([s1_ok], tmp_path / "run", WORLD_OF_ONE)
 
 

@@ -162,9 +162,17 @@ def train(
         "none", "--resume", help="`auto`: continue from the newest complete checkpoint."
     ),
     engine: str | None = typer.Option(None, "--engine", help="deepspeed or fsdp (overrides train.engine)."),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show tracebacks for config and preflight errors too (they print one line each).",
+    ),
     local_rank: int | None = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
-    """Train one or more stages; runs under deepspeed, torchrun, srun or as a single process."""
+    """Train one or more stages; runs under deepspeed, torchrun, srun or as a single process.
+
+    Before any model loads, a preflight checks every stage's data, init_from, DeepSpeed config, the run
+    directory and (offline) the hub cache, and lists every problem found (exit 2)."""
     from vlmtrain.config.load import ConfigError, load_stage_config
     from vlmtrain.dist import init_distributed
     from vlmtrain.train.failfast import fail_fast
@@ -177,12 +185,16 @@ def train(
         stages = [load_stage_config(stage=s, overrides=overrides) for s in _parse_stage_list(stage)]
         stages += [load_stage_config(config=c, overrides=overrides) for c in config]
     except ConfigError as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         console.print(f"[red]config error:[/] {err}")
         raise typer.Exit(2) from None
     if not stages:
         raise typer.BadParameter("name at least one --stage or --config", param_hint="--stage")
     ctx = init_distributed()
-    with fail_fast(ctx):  # any failure ends every rank promptly with a non-zero status
+    with fail_fast(ctx, debug=debug):  # any failure ends every rank promptly with a non-zero status
         run_stages(stages, run_dir, ctx, resume=resume == "auto")
 
 

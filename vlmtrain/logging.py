@@ -1,13 +1,24 @@
-"""Rank-0 logging: a rich console, a JSONL metrics file per stage, optional TensorBoard, loss-curve plots."""
+"""Rank-0 logging: a rich console, the step-metric sinks of a stage (a JSONL file, optional TensorBoard and
+Weights & Biases), loss-curve plots."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import secrets
+import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from vlmtrain.config.load import ConfigError
+from vlmtrain.config.schema import WandbConfig
+
+WANDB_ID_FILE = "wandb_run_id"  # in the stage folder: a resumed stage continues the same W&B run
 
 
 def console_for(is_main: bool) -> Console:
@@ -15,13 +26,92 @@ def console_for(is_main: bool) -> Console:
     return Console(stderr=False) if is_main else Console(quiet=True)
 
 
-class MetricsWriter:
-    """Appends one JSON object per optimizer step to `metrics.jsonl` (rank 0 only)."""
+class WandbMissing(ConfigError):
+    """`train.wandb` is set but the optional `wandb` package is not installed."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None) -> None:
+
+def wandb_missing_message(path: str = "train.wandb") -> str | None:
+    """The error for a W&B section without the package, or None when `wandb` can be imported (not imported here)."""
+    if importlib.util.find_spec("wandb") is not None:
+        return None
+    return (
+        f"{path} is set but the wandb package is not installed: pip install 'vlmtrain[wandb]' "
+        f"(or set {path} to null)"
+    )
+
+
+class WandbSink:
+    """One Weights & Biases run per stage (rank 0): step metrics as history, tables and read-backs in the summary.
+
+    wandb is imported here, only when a stage sets `train.wandb`, so vlmtrain runs without it. The run's
+    files go to `WANDB_DIR` when set, else to the stage folder (`<stage>/wandb/`); `WANDB_MODE=offline`
+    keeps them there for a later `wandb sync`.
+    """
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    @classmethod
+    def open(
+        cls, cfg: WandbConfig, stage_dir: Path, stage_name: str, config: dict[str, Any], resume: bool
+    ) -> WandbSink:
+        """Start (or, with `resume`, continue: same id) the stage's run; `config` becomes `wandb.config`."""
+        missing = wandb_missing_message()
+        if missing is not None:
+            raise WandbMissing(missing)
+        import wandb
+
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        id_file = stage_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else _new_run_id()
+        id_file.write_text(run_id + "\n")
+        run_dir = stage_dir.resolve().parent.name
+        run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or f"{run_dir}/{stage_name}",
+            group=cfg.group or run_dir,
+            tags=[*cfg.tags, stage_name],
+            config=config,
+            id=run_id,
+            resume="allow",  # the same id after a restart: W&B keeps the steps it already has
+            dir=None if os.environ.get("WANDB_DIR") else str(stage_dir),
+        )
+        return cls(run)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """One history row at `step` (W&B ignores a step lower than one it holds: see docs/training.md)."""
+        self.run.log(values, step=step)
+
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        import wandb
+
+        self.run.summary[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _new_run_id() -> str:
+    """A W&B run id as wandb makes them: 8 random lowercase letters and digits."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+class MetricsWriter:
+    """The one place a stage's step metrics go (rank 0): one JSON object per logged optimizer step appended to
+    `metrics.jsonl`, the same record as scalars to TensorBoard and as a history row to W&B when enabled."""
+
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        tensorboard_dir: Path | None = None,
+        wandb: WandbSink | None = None,
+    ) -> None:
         self.path = path
         self.enabled = enabled
         self._tb = None
+        self._wandb = wandb if enabled else None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard_dir is not None:
@@ -32,15 +122,24 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        clean = _finite_or_null(record)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if self._tb is None and self._wandb is None:
+            return
+        step = int(record["step"])
+        flat = {k: v for k, v in _flatten(clean).items() if k != "step"}
         if self._tb is not None:
-            step = int(record["step"])
-            for key, value in _flatten(record).items():
-                if (
-                    isinstance(value, int | float) and key != "step" and math.isfinite(value)
-                ):  # None skipped too
+            for key, value in flat.items():
+                if isinstance(value, int | float) and math.isfinite(value):  # None (non-finite) skipped too
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, flat)
+
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A table printed at the start of a stage (module groups, LR read-back): to W&B's summary when on."""
+        if self._wandb is not None:
+            self._wandb.table(key, columns, rows)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run rewrites the steps after its checkpoint)."""
@@ -56,6 +155,9 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def _finite_or_null(value: Any) -> Any:

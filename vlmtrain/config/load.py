@@ -75,6 +75,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return {k: _convert(v, val_tp, _join(path, k)) for k, v in value.items()}
     if origin is tuple:
         item_types = get_args(tp)
+        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[X, ...]: a list of any length
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            return tuple(_convert(v, item_types[0], _join(path, i)) for i, v in enumerate(value))
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
             raise ConfigError(f"{path}: expected a list of {len(item_types)} values, got {value!r}")
         return tuple(

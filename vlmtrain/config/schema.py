@@ -224,6 +224,27 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging of a stage (rank 0): the step metrics of `metrics.jsonl`, the stage config, the module-group table and the LRs read back at the start. Needs `pip install 'vlmtrain[wandb]'`; `WANDB_MODE=offline` keeps the run on disk (`wandb sync` uploads it later)."""
+
+    project: str
+    """W&B project the run goes to."""
+    entity: str | None = None
+    """W&B team or user that owns the project; None: the logged-in user's default entity."""
+    name: str | None = None
+    """Run name; None: `<run dir name>/<stage name>`. Each stage of a command is its own W&B run."""
+    group: str | None = None
+    """Group that collects the stages of one run directory; None: the run directory's name."""
+    tags: tuple[str, ...] = ()
+    """Tags of the run (the stage name is added)."""
+
+    def validate(self, path: str) -> None:
+        _require(bool(self.project.strip()), f"{path}.project", "must not be empty (the W&B project name)")
+        for i, tag in enumerate(self.tags):
+            _require(bool(tag.strip()), f"{path}.tags[{i}]", "must not be empty")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Length of the stage, numerics, checkpointing and logging."""
 
@@ -253,6 +274,8 @@ class TrainConfig:
     """Stop with an error after this many consecutive non-finite steps."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
+    wandb: WandbConfig | None = None
+    """Also log to Weights & Biases ([WandbConfig](#wandbconfig)); None: off."""
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one GPU that the logged MFU divides by; None: looked up from the GPU's name in vlmtrain/train/flops.py (bf16 on CUDA; on CPU, an unknown GPU or fp32 compute the MFU is null and TFLOP/s alone is logged)."""
 
@@ -276,6 +299,8 @@ class TrainConfig:
             f'must be "auto", true or false, got {self.gradient_checkpointing!r}',
         )
         _require(self.checkpoint_every_n_layers >= 1, f"{path}.checkpoint_every_n_layers", "must be >= 1")
+        if self.wandb is not None:
+            self.wandb.validate(f"{path}.wandb")
 
 
 @dataclass(frozen=True)

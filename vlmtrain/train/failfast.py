@@ -45,8 +45,11 @@ CLEAN_EXIT_CODES = (None, 0, 75)  # 75: trainer.PREEMPTED_EXIT_CODE (checkpoint 
 
 
 @contextlib.contextmanager
-def fail_fast(ctx: DistContext) -> Iterator[None]:
-    """Run the body; any failure on this rank ends it at once and, through the abort flag, every rank."""
+def fail_fast(ctx: DistContext, debug: bool = False) -> Iterator[None]:
+    """Run the body; any failure on this rank ends it at once and, through the abort flag, every rank.
+
+    A ConfigError is reported as its message alone (no traceback) unless `debug` (`vlmtrain train --debug`).
+    """
     watch = AbortWatch.start(ctx)
     try:
         yield
@@ -56,7 +59,7 @@ def fail_fast(ctx: DistContext) -> Iterator[None]:
         _stop_together(watch)
         raise
     except ConfigError as err:  # a user error found once the run started (e.g. init_from): one line, exit 2
-        abort(ctx, err, watch, CONFIG_EXIT_CODE, show_traceback=False)
+        abort(ctx, err, watch, CONFIG_EXIT_CODE, show_traceback=debug)
     except BaseException as err:  # KeyboardInterrupt included: a rank must never linger in a collective
         abort(ctx, err, watch, FAILED_EXIT_CODE)
     else:
@@ -69,10 +72,14 @@ def abort(
     """Report ``err``, raise the job's abort flag, kill this rank's workers and exit with ``code``."""
     if show_traceback:
         traceback.print_exception(err, file=sys.stderr)
+        for cause in getattr(err, "causes", ()):  # preflight.PreflightError: what each check caught
+            traceback.print_exception(cause, file=sys.stderr)
     else:
         print(f"config error: {err}", file=sys.stderr)
-    reason = f"rank {ctx.rank} failed: {type(err).__name__}: {err}"
-    print(f"vlmtrain: {reason}; ending this rank (exit {code}) and the job", file=sys.stderr)
+    first = str(err).splitlines()[0] if str(err) else ""
+    reason = f"rank {ctx.rank} failed: {type(err).__name__}: {first}"
+    if show_traceback or ctx.world_size > 1:  # a config error of one process: its message says it all
+        print(f"vlmtrain: {reason}; ending this rank (exit {code}) and the job", file=sys.stderr)
     if watch is not None:
         watch.raise_flag(reason)
     _hard_exit(code)

@@ -23,6 +23,7 @@ from vlmtrain.train.init_check import (
     effective_model,
     reference_from_directory,
 )
+from vlmtrain.train.preflight import require_preflight
 from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
 from vlmtrain.train.validation import Validator
 
@@ -203,17 +204,9 @@ def run_stages(
 ) -> list[StageResult | Path]:
     """Train stages in order; with `resume`, stages whose output is complete are skipped."""
     console = console_for(ctx.is_main)
-    for stage in stages:
-        stage.batch.accumulation_steps(ctx.world_size)  # every stage's batch is possible before any trains
-        if stage.train.engine == "deepspeed":  # and every stage's DeepSpeed config is one vlmtrain supports
-            from vlmtrain.train.engines.deepspeed import resolve_ds_config
-
-            resolve_ds_config(stage, ctx.world_size)
-    # Every init_from resolves, and agrees with the stage's model block, before any stage trains.
-    planned: dict[str, ModelConfig] = {}
-    for stage in stages:
-        if not (resume and is_stage_complete(run_dir / stage.name)):  # a skipped stage's output is on disk
-            planned[stage.name] = resolve_model(stage, run_dir, planned).model
+    # Data, init_from, DeepSpeed configs, run dir, hub cache, batches: all problems at once, before any load.
+    for note in require_preflight(stages, run_dir, ctx.world_size, resume).notes:
+        console.print(note)
     results: list[StageResult | Path] = []
     PREEMPTION.install()  # for the whole run: a stop signal while a model loads is kept, not fatal
     try:

@@ -29,7 +29,8 @@ from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.data.stream import merge_data_faults
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
 from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
-from vlmtrain.logging import MetricsWriter, console_for, loss_curve, plot_loss_curves
+from vlmtrain.logging import MetricsWriter, WandbSink, console_for, loss_curve, plot_loss_curves
+from vlmtrain.models.freeze import trainability_rows
 from vlmtrain.models.loss import supervised_index
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
@@ -369,16 +370,31 @@ class Trainer:
         return out
 
     # ---- the loop -----------------------------------------------------------------------------------
-    def _lr_table(self, engine: Engine) -> Table:
+    def _lr_rows(self, engine: Engine) -> list[tuple[str, float, float]]:
+        """(optimizer group, LR read back from the engine now, the group's peak LR in the config)."""
+        return [(n, lr, self.stage.modules[n.split(".")[0]].lr) for n, lr in engine.group_lrs().items()]
+
+    def _lr_table(self, rows: list[tuple[str, float, float]]) -> Table:
         table = Table(
             title=f"{self.stage.name}: learning rate per optimizer group, read back from the engine"
         )
         table.add_column("group")
         table.add_column("lr now", justify="right")
         table.add_column("peak (config)", justify="right")
-        for name, lr in engine.group_lrs().items():
-            table.add_row(name, f"{lr:.3g}", f"{self.stage.modules[name.split('.')[0]].lr:g}")
+        for name, lr, peak in rows:
+            table.add_row(name, f"{lr:.3g}", f"{peak:g}")
         return table
+
+    def _wandb(self, resumed: bool) -> WandbSink | None:
+        """Rank 0's W&B run when `train.wandb` is set; its config is the resolved stage config."""
+        cfg = self.stage.train.wandb
+        if cfg is None or not self.ctx.is_main:
+            return None
+        config = {
+            **stage_config_to_dict(self.stage),
+            "launch": {"world_size": self.ctx.world_size, "total_steps": self.total_steps},
+        }
+        return WandbSink.open(cfg, self.stage_dir, self.stage.name, config, resume=resumed)
 
     def fit(self, resume: bool = False) -> StageResult:
         stage = self.stage
@@ -389,6 +405,7 @@ class Trainer:
                 "or choose another --run-dir"
             )
         frozen = self._frozen_originals()
+        groups = trainability_rows(self.model, stage.modules)  # before an engine shards the parameters
         self._enable_checkpointing()
         self.model.train()
         engine = self._build_engine()
@@ -414,7 +431,9 @@ class Trainer:
             self.stage_dir / "metrics.jsonl",
             self.ctx.is_main,
             self.stage_dir / "tensorboard" if stage.train.tensorboard else None,
+            self._wandb(resumed=latest is not None),
         )
+        metrics.table("trainability", ("group", "status", "params", "trainable", "lr"), groups)
         metrics.truncate_after(start)
         loader = self.make_loader(reader_state)
         batches = iter(loader)
@@ -436,7 +455,9 @@ class Trainer:
                         raise Preempted(path)
                     lrs = engine.group_lrs()
                     if step == start:
-                        self.console.print(self._lr_table(engine))
+                        lr_rows = self._lr_rows(engine)
+                        self.console.print(self._lr_table(lr_rows))
+                        metrics.table("lr_readback", ("group", "lr now", "peak (config)"), lr_rows)
                     info = self.train_step(engine, batches, step)
                     step += 1
                     now = time.perf_counter()

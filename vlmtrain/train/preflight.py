@@ -1,0 +1,466 @@
+"""Check everything a training command needs before it loads a model, a tokenizer or a shard.
+
+`run_stages` calls `require_preflight` first. Each check below returns the problems it finds (one line each,
+naming the config key or file and the fix) instead of raising at the first one, so a user fixes every
+problem in one go; `PreflightError` (a ConfigError) then ends the command with exit 2 and no traceback
+(vlmtrain.train.failfast; `vlmtrain train --debug` shows the tracebacks). Errors a check does not expect
+are not caught: they keep their traceback.
+
+What is checked, per stage unless said otherwise:
+- the batch splits over the world size; stage names are unique in the command;
+- `data.train` and `validation.data`: a local manifest or brace pattern names shards that exist (and, with
+  no `train.max_steps`, sample counts for at least one step); `http(s)://` URLs (a few per source: first,
+  middle and last shard) answer a HEAD request, or a one-byte range GET where HEAD is refused, within
+  URL_TIMEOUT_S; `pipe:` commands are not run (a note says so);
+- `init_from`: an earlier stage of this command, or a directory holding the model, config and tokenizer
+  files, whose `model` block agrees with the stage's (vlmtrain.train.init_check);
+- `train.ds_config` (DeepSpeed stages): the named preset or file exists, parses, and is supported;
+- the run directory can be written: a probe file is created and removed in it, or in its nearest existing
+  parent (nothing is left behind, and no folder is created);
+- `model.vision` / `language` / `tokenizer` of stages built from `model`: an existing directory with the
+  files `from_pretrained` reads, or a valid hub id; when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
+  or the hub endpoint does not answer), that the hub id is in the local Hugging Face cache;
+- `train.wandb` / `train.tensorboard`: the optional package is installed.
+
+Cost: file stats (one per local shard), a few HTTP requests per remote source and one to the hub endpoint
+when hub ids are named and HF_HUB_OFFLINE is unset; every rank runs the checks (ranks may not share a file
+system), in well under a second for local data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+from vlmtrain.config.load import ConfigError
+from vlmtrain.config.schema import ModelConfig, StageConfig, ValidationError
+from vlmtrain.logging import wandb_missing_message
+
+URL_TIMEOUT_S = 5.0
+HUB_PROBE_TIMEOUT_S = 3.0
+URLS_PER_SOURCE = 3  # first, middle and last shard of a remote source; all of them would cost N requests
+REMOTE = ("http://", "https://")
+PIPE = "pipe:"
+TRUE_VALUES = {"1", "on", "yes", "true"}  # huggingface_hub's reading of HF_HUB_OFFLINE
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_TOKENIZER = ("tokenizer_config.json", "tokenizer.json")
+TOKENIZER_FIX = "save the tokenizer there (tokenizer.save_pretrained)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing that would stop the run, with the key or file it is about and the fix."""
+
+    where: str
+    """The stage and config key (`stage0 data.train`), or the option (`--run-dir`)."""
+    message: str
+    """What is wrong and how to fix it."""
+    cause: BaseException | None = None
+    """The exception the check caught, shown with `--debug`."""
+
+    def line(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What preflight found: problems stop the run, notes are printed."""
+
+    problems: tuple[Problem, ...]
+    notes: tuple[str, ...]
+
+
+class PreflightError(ConfigError):
+    """Problems found before loading anything: one line each."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        lines = [p.line() for p in problems]
+        head = [] if len(lines) == 1 else [f"{len(lines)} problems found before loading anything:"]
+        super().__init__("\n".join(head + lines))
+        self.problems = tuple(problems)
+        self.causes = tuple(p.cause for p in problems if p.cause is not None)
+
+
+def require_preflight(
+    stages: Sequence[StageConfig], run_dir: Path, world_size: int, resume: bool = False
+) -> Report:
+    """Run every check; raise PreflightError listing all problems, else return the notes to print."""
+    report = preflight(stages, run_dir, world_size, resume)
+    if report.problems:
+        raise PreflightError(report.problems)
+    return report
+
+
+def preflight(
+    stages: Sequence[StageConfig],
+    run_dir: Path,
+    world_size: int,
+    resume: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Report:
+    """Every check over every stage of the command, without loading a model, tokenizer or shard."""
+    env = os.environ if env is None else env
+    problems: list[Problem] = [*check_stage_names(stages)]
+    notes: list[str] = []
+    remote: list[tuple[str, str]] = []  # (where, url) to ask, all at once
+    for stage in stages:
+        problems += check_batch(stage, world_size)
+        for key, source in (("data.train", stage.data.train), ("validation.data", stage.validation.data)):
+            if source is None:
+                continue
+            where = f"{stage.name} {key}"
+            found, urls, note = check_data_source(where, source)
+            problems += found
+            remote += [(where, u) for u in urls]
+            notes += [note] if note else []
+        if not problems_for(problems, stage.name, "data.train"):
+            problems += check_step_count(stage)
+        problems += check_ds_config(stage, world_size)
+        problems += check_loggers(stage)
+    problems += check_urls(remote)
+    problems += check_init_from(stages, run_dir, resume)
+    problems += check_run_dir(run_dir)
+    found, hub_ids = check_model_sources([m for s in stages for m in model_sources(s)])
+    problems += found
+    if hub_ids:
+        offline = offline_reason(env)
+        if offline is not None:
+            notes.append(f"preflight: {offline}: checking {len(hub_ids)} hub id(s) against the local cache")
+            problems += check_hub_cache(hub_ids)
+    return Report(tuple(problems), tuple(notes))
+
+
+def problems_for(problems: Sequence[Problem], stage: str, key: str) -> bool:
+    return any(p.where == f"{stage} {key}" for p in problems)
+
+
+# ---- stage configs --------------------------------------------------------------------------------------
+
+
+def check_stage_names(stages: Sequence[StageConfig]) -> list[Problem]:
+    """Each stage writes RUN_DIR/<name>/: two stages of one command with one name would share it."""
+    seen: set[str] = set()
+    out = []
+    for s in stages:
+        if s.name in seen:
+            out.append(Problem(f"{s.name} name", "two stages of this command share the name; rename one"))
+        seen.add(s.name)
+    return out
+
+
+def check_batch(stage: StageConfig, world_size: int) -> list[Problem]:
+    try:
+        stage.batch.accumulation_steps(world_size)
+    except ValidationError as err:
+        return [
+            Problem(
+                f"{stage.name} {err.path}", f"{str(err).removeprefix(err.path + ': ')} ({world_size} ranks)"
+            )
+        ]
+    return []
+
+
+def check_loggers(stage: StageConfig) -> list[Problem]:
+    out = []
+    if stage.train.wandb is not None:
+        missing = wandb_missing_message()
+        if missing is not None:
+            out.append(Problem(f"{stage.name} train.wandb", missing.split(" is set but ", 1)[1]))
+    if stage.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        out.append(
+            Problem(
+                f"{stage.name} train.tensorboard",
+                "the tensorboard package is not installed: pip install 'vlmtrain[tensorboard]' "
+                "(or set train.tensorboard to false)",
+            )
+        )
+    return out
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(REMOTE)
+
+
+def check_data_source(where: str, source: str) -> tuple[list[Problem], list[str], str | None]:
+    """(problems, remote URLs to ask, a note) for one manifest or brace pattern."""
+    if source.startswith(PIPE):
+        return [], [], f"preflight: {where}: {source!r} is a command, not checked before it runs"
+    if is_remote(source):
+        return [], sample(list(braceexpand.braceexpand(source))), None
+    if not source:
+        return [Problem(where, "is empty; set it to a manifest.json or a brace pattern of shards")], [], None
+    from vlmtrain.data.stream import load_source
+
+    try:
+        shards = load_source(source)
+    except (FileNotFoundError, ValueError) as err:
+        return [Problem(where, str(err), err)], [], None
+    locations = [str(s.path) for s in shards]
+    return [], sample([loc for loc in locations if is_remote(loc)]), None
+
+
+def sample(urls: list[str]) -> list[str]:
+    """First, middle and last (without repeats): a missing prefix or bucket shows in any of them."""
+    if len(urls) <= URLS_PER_SOURCE:
+        return urls
+    return list(dict.fromkeys([urls[0], urls[len(urls) // 2], urls[-1]]))
+
+
+def check_step_count(stage: StageConfig) -> list[Problem]:
+    """Without train.max_steps the step count comes from the manifest's sample counts (local data only)."""
+    if stage.train.max_steps is not None or is_remote(stage.data.train) or stage.data.train.startswith(PIPE):
+        return []
+    from vlmtrain.train.run import total_steps_for
+
+    try:
+        total_steps_for(stage)
+    except ValueError as err:
+        return [Problem(f"{stage.name} train.max_steps", str(err).removeprefix(f"stage {stage.name}: "), err)]
+    return []
+
+
+def url_problem(url: str, timeout: float = URL_TIMEOUT_S) -> str | None:
+    """None when `url` answers; else why not. HEAD first; a server refusing HEAD gets a one-byte GET."""
+    for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
+        request = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return None
+        except urllib.error.HTTPError as err:
+            if method == "HEAD" and err.code in (403, 405, 501):  # e.g. a URL signed for GET only
+                continue
+            return f"HTTP {err.code} {err.reason}"
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            return f"no answer within {timeout:g} s ({reason})"
+    return None
+
+
+def check_urls(items: Sequence[tuple[str, str]], timeout: float = URL_TIMEOUT_S) -> list[Problem]:
+    """Ask every URL at once (threads), so the checks take one timeout at most, not one per URL."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
+        answers = list(pool.map(lambda item: url_problem(item[1], timeout), items))
+    return [
+        Problem(where, f"{url}: {answer}; check the URL, the bucket's permissions and the network")
+        for (where, url), answer in zip(items, answers, strict=True)
+        if answer is not None
+    ]
+
+
+# ---- init_from and DeepSpeed ----------------------------------------------------------------------------
+
+
+def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) -> list[Problem]:
+    """Every init_from names an earlier stage of this command or a model directory, and agrees with it.
+
+    Stages skipped by `--resume auto` (their output is complete) are read from disk like any directory.
+    """
+    from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME
+    from vlmtrain.train.run import resolve_init, resolve_model
+    from vlmtrain.train.trainer import is_stage_complete
+
+    planned: dict[str, ModelConfig] = {}
+    failed: set[str] = set()  # a stage after one of these has its cause listed already
+    out: list[Problem] = []
+    for stage in stages:
+        if resume and is_stage_complete(run_dir / stage.name):
+            continue
+        where = f"{stage.name} init_from"
+        if stage.init_from in failed:
+            failed.add(stage.name)
+            continue
+        failed.add(stage.name)  # until it resolves
+        try:
+            if stage.init_from is not None and stage.init_from not in planned:
+                directory = resolve_init(stage, run_dir)
+                assert directory is not None  # init_from is set
+                missing = missing_files(directory, ((CONFIG_NAME,), (WEIGHTS_NAME,), HF_TOKENIZER))
+                if missing:
+                    out.append(Problem(where, f"{directory} lacks {missing}; {TOKENIZER_FIX} or re-save it"))
+                    continue
+            planned[stage.name] = resolve_model(stage, run_dir, planned).model
+            failed.discard(stage.name)
+        except FileNotFoundError as err:
+            out.append(Problem(where, str(err).removeprefix(f"stage {stage.name}: "), err))
+        except ConfigError as err:  # InitFromMismatch: the model block disagrees with the checkpoint
+            out.append(Problem(where, one_line(str(err).removeprefix(f"stage {stage.name}: ")), err))
+    return out
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a header, then one line per item) as one line: `header item; item; ...`."""
+    head, *items = message.splitlines()
+    return " ".join([head, "; ".join(i.strip() for i in items)]) if items else head
+
+
+def missing_files(directory: Path, alternatives: Sequence[Sequence[str]]) -> str:
+    """Each group of alternative file names (`a/b`) none of which is in `directory`, comma-separated."""
+    gone = ["/".join(names) for names in alternatives if not any((directory / n).is_file() for n in names)]
+    return ", ".join(gone)
+
+
+def check_ds_config(stage: StageConfig, world_size: int) -> list[Problem]:
+    if stage.train.engine != "deepspeed":
+        return []
+    from vlmtrain.train.engines.deepspeed import ds_config_path, resolve_ds_config
+
+    where = f"{stage.name} train.ds_config"
+    try:
+        path = ds_config_path(stage.train.ds_config)
+    except FileNotFoundError as err:
+        return [Problem(where, str(err), err)]
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return [
+            Problem(where, f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}")
+        ]
+    try:
+        resolve_ds_config(stage, world_size)
+    except (ConfigError, ValueError) as err:
+        return [Problem(where, str(err), err)]
+    return []
+
+
+# ---- run directory --------------------------------------------------------------------------------------
+
+
+def check_run_dir(run_dir: Path) -> list[Problem]:
+    """The run directory, or the parent it would be created in, takes a new file (created, then removed)."""
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [Problem("--run-dir", f"{existing} is a file, so {run_dir} cannot be created; choose another")]
+    probe = existing / f".vlmtrain-preflight-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        target = "" if existing == run_dir.absolute() else f" (where {run_dir} would be created)"
+        return [
+            Problem(
+                "--run-dir",
+                f"cannot write in {existing}{target}: {err.strerror or err}; choose a writable --run-dir "
+                "or fix its permissions",
+                err,
+            )
+        ]
+    return []
+
+
+# ---- model sources and the hub cache --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checkpoint a stage built from `model` loads, and the files `from_pretrained` needs from it."""
+
+    where: str
+    """`<stage> model.<key>`."""
+    source: str
+    """Directory or hub id."""
+    files: tuple[tuple[str, ...], ...]
+    """Groups of alternative file names; each group needs one present."""
+
+
+MODEL_FILES = (("config.json",), HF_WEIGHTS)
+
+
+def model_sources(stage: StageConfig) -> list[ModelSource]:
+    """Towers and tokenizer of a stage built from `model` (a stage with init_from loads its checkpoint).
+
+    The tokenizer defaults to the language model's checkpoint: then its files are asked of that entry.
+    """
+    if stage.init_from is not None:
+        return []
+    m, where = stage.model, f"{stage.name} model"
+    out = []
+    if m.vision is not None:
+        out.append(ModelSource(f"{where}.vision", m.vision, MODEL_FILES))
+    tokenizer = m.tokenizer if m.tokenizer != m.language else None  # None: the language checkpoint's
+    if m.language is not None:
+        files = MODEL_FILES if tokenizer is not None else (*MODEL_FILES, HF_TOKENIZER)
+        out.append(ModelSource(f"{where}.language", m.language, files))
+    if tokenizer is not None:
+        out.append(ModelSource(f"{where}.tokenizer", tokenizer, (HF_TOKENIZER,)))
+    return out
+
+
+def check_model_sources(items: Sequence[ModelSource]) -> tuple[list[Problem], list[ModelSource]]:
+    """(problems of local directories and impossible names, the sources left to the hub)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problems, hub = [], []
+    for item in items:
+        if Path(item.source).exists():
+            missing = missing_files(Path(item.source), item.files)
+            if missing:
+                problems.append(
+                    Problem(item.where, f"{item.source} lacks {missing}; point it at a saved checkpoint")
+                )
+            continue
+        try:
+            validate_repo_id(item.source)
+        except HFValidationError:
+            problems.append(
+                Problem(
+                    item.where,
+                    f"{item.source!r} is neither an existing directory nor a hub id (org/name); fix the path",
+                )
+            )
+            continue
+        hub.append(item)
+    return problems, hub
+
+
+def offline_reason(env: Mapping[str, str], probe: Callable[[], str | None] | None = None) -> str | None:
+    """Why downloads cannot happen (an offline switch, or the hub not answering), or None when they can."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if env.get(name, "").strip().lower() in TRUE_VALUES:
+            return f"{name}={env[name]}"
+    problem = (probe or hub_probe)()
+    return None if problem is None else f"the Hugging Face hub does not answer ({problem})"
+
+
+def hub_probe() -> str | None:
+    from huggingface_hub import constants
+
+    answer = url_problem(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S)
+    return None if answer is None or answer.startswith("HTTP ") else answer  # any HTTP answer: reachable
+
+
+def check_hub_cache(items: Sequence[ModelSource], cache_dir: Path | None = None) -> list[Problem]:
+    """Hub ids whose config, weights or tokenizer files are not in the local cache (HF_HOME / HF_HUB_CACHE)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(repo: str, names: Sequence[str]) -> bool:
+        return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names)
+
+    out = []
+    for item in items:
+        missing = ["/".join(names) for names in item.files if not cached(item.source, names)]
+        if missing:
+            out.append(
+                Problem(
+                    item.where,
+                    f"{item.source} is not in the local Hugging Face cache (no {', '.join(missing)}) and the "
+                    f"run is offline; download it first (hf download {item.source}, with the same HF_HOME) "
+                    f"or point {item.where.split(' ', 1)[1]} at a local directory",
+                )
+            )
+    return out
