@@ -189,7 +189,8 @@ def check_loggers(stage: StageConfig) -> list[Problem]:
 # ---- data -----------------------------------------------------------------------------------------------
 
 
-def is_remote(location: str) -> bool:
+def is_http(location: str) -> bool:
+    """An http(s) URL: the sources preflight can ask without reading them (pipe: commands are not run)."""
     return location.startswith(REMOTE)
 
 
@@ -197,7 +198,7 @@ def check_data_source(where: str, source: str) -> tuple[list[Problem], list[str]
     """(problems, remote URLs to ask, a note) for one manifest or brace pattern."""
     if source.startswith(PIPE):
         return [], [], f"preflight: {where}: {source!r} is a command, not checked before it runs"
-    if is_remote(source):
+    if is_http(source):
         return [], sample(list(braceexpand.braceexpand(source))), None
     if not source:
         return [Problem(where, "is empty; set it to a manifest.json or a brace pattern of shards")], [], None
@@ -208,7 +209,7 @@ def check_data_source(where: str, source: str) -> tuple[list[Problem], list[str]
     except (FileNotFoundError, ValueError) as err:
         return [Problem(where, str(err), err)], [], None
     locations = [str(s.path) for s in shards]
-    return [], sample([loc for loc in locations if is_remote(loc)]), None
+    return [], sample([loc for loc in locations if is_http(loc)]), None
 
 
 def sample(urls: list[str]) -> list[str]:
@@ -220,7 +221,7 @@ def sample(urls: list[str]) -> list[str]:
 
 def check_step_count(stage: StageConfig) -> list[Problem]:
     """Without train.max_steps the step count comes from the manifest's sample counts (local data only)."""
-    if stage.train.max_steps is not None or is_remote(stage.data.train) or stage.data.train.startswith(PIPE):
+    if stage.train.max_steps is not None or is_http(stage.data.train) or stage.data.train.startswith(PIPE):
         return []
     from vlmtrain.train.run import total_steps_for
 
