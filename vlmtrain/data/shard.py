@@ -47,8 +47,7 @@ from vlmtrain.data.images import (
     validate_and_maybe_resize,
 )
 from vlmtrain.data.order import permutation
-
-DEFAULT_CAPTION_PROMPT = "Write a short caption for the image."
+from vlmtrain.data.prompt import CAPTION_PROMPT as DEFAULT_CAPTION_PROMPT
 
 # Version of the shard sample and manifest layout described in docs/data_format.md.
 FORMAT_VERSION = 1
