@@ -180,3 +180,35 @@ def test_caption_ask_and_export_commands(assets, tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file() and (
         tmp_path / "hf" / "processor_config.json"
     ).is_file()
+
+
+@pytest.mark.slow
+def test_caption_ask_and_export_print_no_deprecation_warning(assets, tmp_path):
+    """The commands as a user runs them (a fresh interpreter, every DeprecationWarning and FutureWarning
+    shown): nothing on stderr/stdout mentions a warning; before generation passed `cache=`, each `caption`
+    and `ask` printed transformers' FutureWarning that `past_key_values` goes in 5.40."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, corpus = assets
+    img = corpus.images / "test" / "000000.png"
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "PYTHONWARNINGS": "always::DeprecationWarning,always::FutureWarning",
+    }
+    script = (
+        "import sys; from vlmtrain.cli import app; "
+        "[app(args, standalone_mode=False) for args in ("
+        f"['caption', {str(img)!r}, '--checkpoint', {str(root / 'ckpt')!r}, '--max-new-tokens', '4'], "
+        f"['ask', {str(img)!r}, 'What color is it?', '--checkpoint', {str(root / 'ckpt')!r}, '--max-new-tokens', '4'], "
+        f"['export', '--checkpoint', {str(root / 'ckpt')!r}, '--out', {str(tmp_path / 'hf')!r}])]"
+    )
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    output = r.stdout + r.stderr
+    assert "000000.png" in output and "exported to" in output, output  # the commands ran
+    assert "Warning" not in output and "deprecated" not in output, output

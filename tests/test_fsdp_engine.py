@@ -16,10 +16,11 @@ from train_fixtures import free_port
 
 from vlmtrain.config.load import shipped_stage_path, stage_config_from_dict
 from vlmtrain.config.schema import StageConfig
+from vlmtrain.data.process import IGNORE_INDEX
 from vlmtrain.dist import DistContext
 from vlmtrain.models.freeze import apply_trainability
 from vlmtrain.models.loss import count_supervised
-from vlmtrain.models.vlm import IGNORE_INDEX, VisionLanguageModel
+from vlmtrain.models.vlm import VisionLanguageModel
 from vlmtrain.train.engines.base import with_blank_image
 from vlmtrain.train.engines.fsdp import FSDPEngine
 from vlmtrain.train.optim import build_param_groups, make_optimizer, make_scheduler

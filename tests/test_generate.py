@@ -1,11 +1,15 @@
-"""Generation: cached decoding equals full recomputation token for token (greedy, beam, sampling)."""
+"""Generation: cached decoding equals full recomputation token for token (greedy, beam, sampling); no
+deprecation warnings from transformers."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
-from vlmtrain.eval.generate import GenerationConfig, Generator, Prompt, build_prompt
+from vlmtrain.data.prompt import ChatRenderer, Prompt
+from vlmtrain.eval.generate import GenerationConfig, Generator
 
 
 @pytest.fixture
@@ -16,9 +20,9 @@ def prompts(tiny_model, tokenizer):
         [{"role": "user", "content": "What color is the square?"}],
     ]
     has_image = [True, False, True]  # a text-only prompt in the same batch
+    renderer = ChatRenderer(tokenizer)
     ps = [
-        build_prompt(tokenizer, m, h, tiny_model.num_image_tokens)
-        for m, h in zip(msgs, has_image, strict=True)
+        renderer.build_prompt(m, h, tiny_model.num_image_tokens) for m, h in zip(msgs, has_image, strict=True)
     ]
     gen = torch.Generator().manual_seed(3)
     pixels = torch.randn(2, 3, 32, 32, generator=gen)
@@ -138,7 +142,9 @@ def test_image_count_mismatch_is_an_error(tiny_model, tokenizer, prompts):
 
 
 def test_prompt_layout(tiny_model, tokenizer):
-    p = build_prompt(tokenizer, [{"role": "user", "content": "hi"}], True, tiny_model.num_image_tokens)
+    p = ChatRenderer(tokenizer).build_prompt(
+        [{"role": "user", "content": "hi"}], True, tiny_model.num_image_tokens
+    )
     assert (
         p.input_ids[: tiny_model.num_image_tokens]
         == [tiny_model.image_token_id] * tiny_model.num_image_tokens
@@ -146,3 +152,24 @@ def test_prompt_layout(tiny_model, tokenizer):
     text = tokenizer.decode(p.input_ids[tiny_model.num_image_tokens :])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert isinstance(p, Prompt)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_generation_emits_no_deprecation_warning(tiny_model, tokenizer, prompts, strategy):
+    """The KV cache goes to the decoder as `cache` (transformers 5.24; `past_key_values` warns and goes in 5.40):
+    a cached run and a multi-turn prompt warn nothing, with every warning turned on."""
+    model = sharpen(tiny_model)
+    ps, pixels = prompts
+    gen = Generator(model, tokenizer, GenerationConfig(max_new_tokens=6, strategy=strategy))
+    chat = [
+        {"role": "user", "content": "What color is the square?"},
+        {"role": "assistant", "content": "It is blue."},
+        {"role": "user", "content": "How many shapes are there?"},
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gen.generate(ps, pixels)
+        gen.generate([gen.prompt(chat, True)], pixels[:1])
+    bad = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not bad, [f"{w.filename}:{w.lineno}: {w.message}" for w in bad]
+    assert any(len(o) > 3 for o in out), "nothing was decoded with the cache; the check would be vacuous"

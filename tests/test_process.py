@@ -19,13 +19,12 @@ from vlmtrain.data.process import (
     RawSample,
     SampleProcessor,
     Skip,
-    TemplateError,
-    TurnPair,
     caption_index,
     decode_image,
     fit_pairs,
     to_rgb,
 )
+from vlmtrain.data.prompt import TemplateError, TurnPair
 from vlmtrain.data.tokenizer import IM_END, IM_START, build_tokenizer, image_token_id
 
 N_IMG = 16

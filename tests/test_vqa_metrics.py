@@ -8,16 +8,12 @@ import math
 import pytest
 from rich.console import Console
 
+from vlmtrain.data.answers import OPEN, YES_NO, infer_answer_type, normalize_answer, process_punctuation
 from vlmtrain.eval.report import vqa_table
 from vlmtrain.eval.vqa_metrics import (
-    OPEN,
-    YES_NO,
     VQAInputError,
-    infer_answer_type,
     majority_answer_baseline,
-    normalize_answer,
     pathvqa_metrics,
-    process_punctuation,
     token_f1,
     vqa_accuracy,
     vqa_item_accuracy,

@@ -367,8 +367,8 @@ def _load_images(paths: list[Path], size: int):
     return out
 
 
-def _generator(checkpoint: Path, device: str | None, gen):
-    """A trained model, its tokenizer and a Generator prefilling with the mask the model was trained with."""
+def _generator(checkpoint: Path, device: str | None, gen, mask: str | None = None):
+    """A trained model, its tokenizer and a Generator prefilling with `mask` (default: the trained one)."""
     import dataclasses
 
     from vlmtrain.eval.generate import Generator
@@ -378,30 +378,34 @@ def _generator(checkpoint: Path, device: str | None, gen):
         model, tokenizer, mode = load_trained(checkpoint, _device(device))
     except FileNotFoundError as err:
         _fail(err)
-    return model, tokenizer, Generator(model, tokenizer, dataclasses.replace(gen, mask_mode=mode))
+    return model, Generator(model, tokenizer, dataclasses.replace(gen, mask_mode=_mask(mask) or mode))
+
+
+CaptionPromptOpt = typer.Option(
+    None, "--prompt", help="Instruction (default: the caption prompt of the shards)."
+)
 
 
 @app.command()
 def caption(
     images: list[Path] = typer.Argument(..., help="Image files."),
     checkpoint: Path = CheckpointOpt,
-    prompt: str = typer.Option("Write a short caption for the image.", "--prompt"),
+    prompt: str | None = CaptionPromptOpt,
     max_new_tokens: int = MaxNewOpt,
     strategy: str = StrategyOpt,
     num_beams: int = BeamsOpt,
     device: str | None = DeviceOpt,
+    mask: str | None = MaskOpt,
 ) -> None:
     """Caption image files."""
     import torch
 
-    from vlmtrain.eval.generate import build_prompt
+    from vlmtrain.data.prompt import CAPTION_PROMPT, question_messages
 
     gen = _gen_config(max_new_tokens, strategy, num_beams, 1.0, 1.0, 0)
-    model, tokenizer, generator = _generator(checkpoint, device, gen)
+    model, generator = _generator(checkpoint, device, gen, mask)
     pixels = torch.stack(_load_images(images, model.vision.config.image_size))
-    prompts = [
-        build_prompt(tokenizer, [{"role": "user", "content": prompt}], True, model.num_image_tokens)
-    ] * len(images)
+    prompts = [generator.prompt(question_messages(prompt or CAPTION_PROMPT), True)] * len(images)
     for path, ids in zip(images, generator.generate(prompts, pixels), strict=True):
         console.print(f"[bold]{path}[/]: {generator.decode(ids)}")
 
@@ -415,20 +419,18 @@ def ask(
     checkpoint: Path = CheckpointOpt,
     max_new_tokens: int = MaxNewOpt,
     device: str | None = DeviceOpt,
+    mask: str | None = MaskOpt,
 ) -> None:
     """Ask about an image; without a question, chat turn by turn (empty line or Ctrl-D ends)."""
-    from vlmtrain.eval.generate import GenerationConfig, build_prompt
+    from vlmtrain.eval.generate import GenerationConfig
 
-    model, tokenizer, generator = _generator(
-        checkpoint, device, GenerationConfig(max_new_tokens=max_new_tokens)
-    )
+    model, generator = _generator(checkpoint, device, GenerationConfig(max_new_tokens=max_new_tokens), mask)
     pixels = _load_images([image], model.vision.config.image_size)[0][None]
     messages: list[dict[str, str]] = []
 
     def answer(q: str) -> str:
         messages.append({"role": "user", "content": q})
-        prompt = build_prompt(tokenizer, messages, True, model.num_image_tokens)
-        text = generator.decode(generator.generate([prompt], pixels)[0])
+        text = generator.decode(generator.generate([generator.prompt(messages, True)], pixels)[0])
         messages.append({"role": "assistant", "content": text})
         return text
 

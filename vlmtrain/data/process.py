@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.data.prompt import ROLES, ChatRenderer, TurnPair, messages_from_turns
 from vlmtrain.data.tokenizer import IM_END, image_token_id
 
 # Hugging Face's "ignore" label: cross-entropy skips these positions.
@@ -27,11 +28,10 @@ SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS | {"json"}
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 
 TASKS = ("caption", "chat", "vqa")
-_PROMPT_CACHE_SIZE = 4096  # distinct prompt spans remembered per processor (per worker)
-_ROLES = {"human": "user", "gpt": "assistant"}
 
-# Every reason a sample can be skipped for; the stream counts them by these names.
-SKIP_REASONS = (
+# Every reason a training sample can be skipped for; the stream counts them by these names. (Records skipped
+# while sharding have their own reasons: vlmtrain.data.images.SKIP_REASONS.)
+SAMPLE_SKIP_REASONS = (
     "missing_json",  # no <key>.json member
     "bad_json",  # not UTF-8 JSON, or fields of the wrong type / unknown task / no references for a caption
     "bad_conversation",  # turns are not (human, gpt) pairs starting with human
@@ -44,10 +44,6 @@ SKIP_REASONS = (
 )
 # Samples kept but shortened; counted as well, so nothing is cut silently.
 TRUNCATIONS = ("truncated_turns", "truncated_answer")
-
-
-class TemplateError(ValueError):
-    """The tokenizer's chat template cannot be split into per-turn spans (not prefix-consistent)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,7 +195,7 @@ class ProcessedSample:
 
 @dataclass(frozen=True)
 class Skip:
-    """A sample that cannot be used, and why (``reason`` is one of SKIP_REASONS)."""
+    """A sample that cannot be used, and why (``reason`` is one of SAMPLE_SKIP_REASONS)."""
 
     reason: str
     detail: str = ""
@@ -238,21 +234,6 @@ class ProcessorConfig:
             raise ValueError(f"caption_choice must be 'first' or 'random', got {self.caption_choice!r}")
         if self.min_answer_tokens < 1:
             raise ValueError(f"min_answer_tokens must be >= 1, got {self.min_answer_tokens}")
-
-
-@dataclass(frozen=True)
-class TurnPair:
-    """Token ids of one (user, assistant) exchange, split where the assistant's answer starts."""
-
-    prompt: Sequence[int]
-    """Everything before the answer: earlier template text, the user turn and the assistant header."""
-    answer: Sequence[int]
-    """The answer content, the turn-end token and whatever the template puts after it (e.g. "\\n")."""
-    supervised: int
-    """How many leading answer tokens are supervised (content + turn-end token)."""
-
-    def __len__(self) -> int:
-        return len(self.prompt) + len(self.answer)
 
 
 @dataclass(frozen=True)
@@ -314,10 +295,8 @@ def caption_index(num_references: int, seed: int, epoch: int, key: str) -> int:
 class SampleProcessor:
     """Turn a RawSample into a ProcessedSample (or a counted Skip) for one tokenizer and config.
 
-    Templates are split per turn from the tokenizer's own chat template: for each assistant turn i the
-    rendering of ``messages[:i]`` with the generation prompt marks where the answer starts and the
-    rendering of ``messages[:i+1]`` where the turn ends. Each span is tokenized on its own, so the prompt
-    tokens are exactly those generation starts from, and the answer tokens are what the model must emit.
+    The conversation's token spans come from `vlmtrain.data.prompt.ChatRenderer`, the renderer generation
+    and the export use too, so a prompt at inference is token for token the prompt part of training.
     """
 
     def __init__(
@@ -326,28 +305,17 @@ class SampleProcessor:
         config: ProcessorConfig,
         transform: ImageTransform | None = None,
     ) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("the tokenizer has no chat_template; use an instruct tokenizer or set one")
+        self.renderer = ChatRenderer(tokenizer, config.turn_end_token)
         self.tokenizer = tokenizer
         self.config = config
         self.transform = transform if transform is not None else ImageTransform()
         # May add <|image_pad|> to a tokenizer that lacks it; the model must then resize its embeddings.
         self.image_token_id = image_token_id(tokenizer)
-        self.turn_end_id = self._single_token_id(config.turn_end_token)
         # The image prefix is the same for every sample; built once, concatenated per sample.
         self._image_ids = torch.full((config.num_image_tokens,), self.image_token_id, dtype=torch.long)
         self._image_labels = torch.full((config.num_image_tokens,), IGNORE_INDEX, dtype=torch.long)
-        # A fast tokenizer's Rust backend directly: the same ids without the Python wrapper's overhead.
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._prompt_ids: dict[str, tuple[int, ...]] = {}
         specials = set(tokenizer.all_special_tokens) | {config.turn_end_token}
         self._special_strings = tuple(sorted(specials))
-
-    def _single_token_id(self, token: str) -> int:
-        ids = self.tokenizer.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise TemplateError(f"turn_end_token {token!r} is not a single token in this tokenizer ({ids})")
-        return int(ids[0])
 
     def __call__(self, raw: RawSample) -> ProcessedSample | Skip:
         record = _parse_json(raw)
@@ -361,7 +329,9 @@ class SampleProcessor:
             return image_ext
         n_image = self.config.num_image_tokens if image_ext is not None else 0
         fitted = fit_pairs(
-            self.tokenize_pairs(messages), self.config.max_length - n_image, self.config.min_answer_tokens
+            self.renderer.tokenize_pairs(messages),
+            self.config.max_length - n_image,
+            self.config.min_answer_tokens,
         )
         if fitted is None:
             return Skip("dropped_too_long", f"first pair does not fit max_length={self.config.max_length}")
@@ -397,7 +367,7 @@ class SampleProcessor:
             expected = "human" if i % 2 == 0 else "gpt"
             if turn["from"] != expected:
                 return Skip("bad_conversation", f"turn {i} is from {turn['from']!r}, expected {expected!r}")
-        messages = [{"role": _ROLES[t["from"]], "content": t["value"]} for t in turns]
+        messages = messages_from_turns(turns)
         if record["task"] == "caption":
             messages[1] = {"role": "assistant", "content": self._caption(record["references"], raw)}
         for message in messages:
@@ -413,78 +383,7 @@ class SampleProcessor:
 
     def tokenize_pairs(self, messages: list[dict[str, str]]) -> list[TurnPair]:
         """Split the rendered conversation at answer starts and turn ends; tokenize each span."""
-        full = self._render(messages, add_generation_prompt=False)
-        pairs: list[TurnPair] = []
-        done = 0
-        for i in range(1, len(messages), 2):
-            answer_start = self._prefix_length(full, messages[:i], add_generation_prompt=True)
-            last = i + 1 == len(messages)
-            turn_end = (
-                len(full)
-                if last
-                else self._prefix_length(full, messages[: i + 1], add_generation_prompt=False)
-            )
-            if not done <= answer_start <= turn_end:
-                raise TemplateError(
-                    f"chat template spans out of order at message {i}: {done}, {answer_start}, {turn_end}"
-                )
-            prompt = self._encode_prompt(full[done:answer_start])
-            answer = self._encode(full[answer_start:turn_end])
-            pairs.append(
-                TurnPair(prompt, answer, self._supervised_length(answer, full[answer_start:turn_end]))
-            )
-            done = turn_end
-        if done != len(full):
-            raise TemplateError(
-                f"the chat template renders text after the last assistant turn: {full[done:]!r}"
-            )
-        return pairs
-
-    def _render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        if not isinstance(text, str):
-            raise TemplateError(
-                f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str"
-            )
-        return text
-
-    def _prefix_length(
-        self, full: str, messages: list[dict[str, str]], *, add_generation_prompt: bool
-    ) -> int:
-        prefix = self._render(messages, add_generation_prompt=add_generation_prompt)
-        if not full.startswith(prefix):
-            raise TemplateError(
-                "the chat template is not prefix-consistent: rendering the first "
-                f"{len(messages)} messages{' with the generation prompt' if add_generation_prompt else ''} "
-                f"gives {prefix[-80:]!r} at the end, which is not how the full conversation starts. Label "
-                "spans cannot be derived; use a template whose earlier turns render the same in longer chats."
-            )
-        return len(prefix)
-
-    def _encode(self, text: str) -> list[int]:
-        if self._backend is not None:
-            return self._backend.encode(text, add_special_tokens=False).ids
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _encode_prompt(self, text: str) -> tuple[int, ...]:
-        """Prompts repeat across samples (caption/VQA instructions), so their ids are cached."""
-        ids = self._prompt_ids.get(text)
-        if ids is None:
-            if len(self._prompt_ids) >= _PROMPT_CACHE_SIZE:
-                self._prompt_ids.clear()
-            ids = self._prompt_ids[text] = tuple(self._encode(text))
-        return ids
-
-    def _supervised_length(self, answer: Sequence[int], text: str) -> int:
-        for pos in range(len(answer) - 1, -1, -1):
-            if answer[pos] == self.turn_end_id:
-                return pos + 1
-        raise TemplateError(
-            f"assistant turn {text!r} does not end with turn_end_token {self.config.turn_end_token!r}; set "
-            "ProcessorConfig.turn_end_token to the token this chat template closes turns with"
-        )
+        return self.renderer.tokenize_pairs(messages)
 
     def _pixels(self, data: bytes | memoryview, ext: str) -> torch.Tensor | Skip:
         draft = self.transform.image_size if self.config.jpeg_draft else None
@@ -520,7 +419,7 @@ def _schema_problem(record: Any) -> str | None:
     for i, turn in enumerate(turns):
         if (
             not isinstance(turn, dict)
-            or turn.get("from") not in _ROLES
+            or turn.get("from") not in ROLES
             or not isinstance(turn.get("value"), str)
         ):
             return f"conversations[{i}] must be {{'from': 'human'|'gpt', 'value': str}}"

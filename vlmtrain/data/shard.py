@@ -48,8 +48,7 @@ from vlmtrain.data.images import (
     validate_and_maybe_resize,
 )
 from vlmtrain.data.order import permutation
-
-DEFAULT_CAPTION_PROMPT = "Write a short caption for the image."
+from vlmtrain.data.prompt import CAPTION_PROMPT as DEFAULT_CAPTION_PROMPT
 
 # Version of the shard sample and manifest layout described in docs/data_format.md.
 FORMAT_VERSION = 1
@@ -95,7 +94,7 @@ class ShardOptions:
 
 
 @dataclass(frozen=True)
-class ShardInfo:
+class WrittenShard:
     """One written shard, as listed in the manifest."""
 
     name: str
@@ -128,7 +127,7 @@ class SkipExample:
 class ShardResult:
     """What writing (or keeping) one shard produced."""
 
-    info: ShardInfo
+    info: WrittenShard
     skipped: dict[str, int]
     dropped: dict[str, int]
     examples: tuple[SkipExample, ...]
@@ -144,7 +143,7 @@ class ShardSummary:
     """Samples written over all shards."""
     skipped: dict[str, int]
     """Skipped records by reason."""
-    shards: list[ShardInfo]
+    shards: list[WrittenShard]
     """All shards in order."""
     out: Path
     """Output folder (holds the shards and manifest.json)."""
@@ -405,7 +404,7 @@ def _write(job: _ShardJob) -> ShardResult:
             samples += 1
             dropped.update(item.dropped)
     os.replace(tmp_path, tar_path)
-    info = ShardInfo(job.name, samples, _sha256_file(tar_path), tar_path.stat().st_size)
+    info = WrittenShard(job.name, samples, _sha256_file(tar_path), tar_path.stat().st_size)
     examples = sorted(examples, key=lambda e: e.index)[:EXAMPLES_IN_MANIFEST]
     result = ShardResult(info, dict(skipped), dict(dropped), tuple(examples), reused=False)
     sidecar = {
@@ -428,7 +427,7 @@ def _reuse(job: _ShardJob) -> ShardResult | None:
             return None
         if _sha256_file(tar_path) != sidecar["sha256"]:
             return None
-        info = ShardInfo(job.name, int(sidecar["samples"]), sidecar["sha256"], int(sidecar["bytes"]))
+        info = WrittenShard(job.name, int(sidecar["samples"]), sidecar["sha256"], int(sidecar["bytes"]))
         examples = tuple(SkipExample(**e) for e in sidecar["examples"])
         return ShardResult(info, dict(sidecar["skipped"]), dict(sidecar["dropped"]), examples, reused=True)
     except (OSError, ValueError, KeyError, TypeError):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmtrain.data.answers import YES_NO
+from vlmtrain.data.prompt import CAPTION_PROMPT
 from vlmtrain.demo import text
 from vlmtrain.demo.scenes import MIN_IMAGE_SIZE, Scene, sample_scene, scene_split
 
@@ -169,7 +171,7 @@ def _describe(split: str, index: int, scene: Scene, seed: int) -> _Sample:
     # Test images get no caption opening: their questions become the single-turn VQA set.
     if split == "train" and rng.random() < CAPTION_TURN_SHARE:
         if rng.random() < 0.5:
-            opening = (text.CAPTION_PROMPT, captions[int(rng.integers(len(captions)))])
+            opening = (CAPTION_PROMPT, captions[int(rng.integers(len(captions)))])
         else:
             opening = (text.RECAP_PROMPT, recap)
         n_turns -= 1
@@ -195,7 +197,7 @@ def _short_record(sample: _Sample, seed: int) -> dict[str, object]:
     # Which of the five references is used is drawn per image from its own stream, so it is stable.
     rng = np.random.default_rng([seed, _STREAM_TEXT["train"], sample.index, 1])
     caption = sample.captions[int(rng.integers(len(sample.captions)))]
-    return _caption_record(sample, text.CAPTION_PROMPT, caption)
+    return _caption_record(sample, CAPTION_PROMPT, caption)
 
 
 def _turns(pairs: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
@@ -292,7 +294,7 @@ def _info(
     instruct: list[dict[str, object]],
     vqa_rows: list[dict[str, object]],
 ) -> dict[str, object]:
-    yes_no = Counter(str(r["answer"]) for r in vqa_rows if r["answer_type"] == text.YES_NO)
+    yes_no = Counter(str(r["answer"]) for r in vqa_rows if r["answer_type"] == YES_NO)
     return {
         "generator": "vlmtrain.demo.corpus.write_corpus",
         "n_train": n_train,

@@ -367,7 +367,7 @@ class Demo:
     def by_question_type(self, corpus, eval_dir: Path) -> dict[str, dict[str, float]]:
         """Accuracy per question type of the model in `eval_dir` and of the majority training answer of each
         question type (a stronger baseline than one answer per answer type: e.g. the most common color)."""
-        from vlmtrain.eval.vqa_metrics import normalize_answer
+        from vlmtrain.data.answers import normalize_answer
 
         gold = {g["id"]: g for g in map(json.loads, corpus.vqa_test.read_text().splitlines())}
         preds = {

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlmtrain.data.answers import OPEN, YES_NO
 from vlmtrain.demo.scenes import COLORS, GRID, KINDS, POSITION_NAMES, SIZES, Scene, Shape
-
-YES_NO = "yes/no"
-OPEN = "open"
 
 NUMBER_WORDS: tuple[str, ...] = tuple(
     ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -36,7 +34,6 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "bottom right": ("in the bottom right corner", "in the lower right corner", "in the bottom right"),
 }
 
-CAPTION_PROMPT = "Write a short caption for the image."
 RECAP_PROMPT = "Describe the image in detail."
 
 # Text-only instruction turns: facts about the demo's vocabulary that hold without an image.

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 
-from vlmtrain.data.process import ImageTransform
+from vlmtrain.data.process import IGNORE_INDEX, ImageTransform
 from vlmtrain.demo.scenes import COLORS, GRID, KINDS, SIZES
 from vlmtrain.models.language import load_language_model
 
@@ -71,7 +71,7 @@ def pretrain_language(
         for i, seq in enumerate(batch):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from vlmtrain.data.tokenizer import image_token_id
+from vlmtrain.data.prompt import ChatRenderer, Message, Prompt, stop_token_ids
 from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.vlm import VisionLanguageModel
 
@@ -60,31 +60,6 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-@dataclass
-class Prompt:
-    """One prompt: token ids with image placeholders at the front when there is an image."""
-
-    input_ids: list[int]
-    has_image: bool
-
-
-def build_prompt(
-    tokenizer: Any, messages: list[dict[str, str]], has_image: bool, num_image_tokens: int
-) -> Prompt:
-    """Render `messages` with the tokenizer's chat template plus the assistant header, as in training."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    prefix = [image_token_id(tokenizer)] * num_image_tokens if has_image else []
-    return Prompt(prefix + list(ids), has_image)
-
-
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """Tokens that end an answer: the turn end (<|im_end|>) and the tokenizer's eos/pad."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    ids |= set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-    return {int(i) for i in ids if i is not None and i != tokenizer.unk_token_id}
-
-
 AllDone = Callable[[bool], bool]  # this rank's rows have all stopped -> every rank's rows have
 
 
@@ -110,11 +85,16 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
+        self.renderer = ChatRenderer(tokenizer)
         self.stops = stop_token_ids(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id)
         self.device = next(model.parameters()).device
         self.lockstep = all_done is not None
         self.all_done: AllDone = all_done or (lambda done: done)
+
+    def prompt(self, messages: list[Message], has_image: bool) -> Prompt:
+        """The prompt for the answer to the last (user) message, laid out as in training."""
+        return self.renderer.build_prompt(messages, has_image, self.model.num_image_tokens)
 
     # ---- layout ---------------------------------------------------------------------------------------
     def _left_pad(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +130,7 @@ class Generator:
             inputs_embeds=embeds,
             attention_mask=self._mask(sample_ids, flags, embeds.dtype),
             position_ids=position_ids_from_sample_ids(sample_ids),
-            past_key_values=cache,
+            cache=cache,  # transformers 5.24 renamed past_key_values (removed in 5.40)
             use_cache=cache is not None,
         )
         return self.model.language.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
@@ -161,7 +141,7 @@ class Generator:
             inputs_embeds=embeds,
             attention_mask=self._step_mask(key_valid, embeds.dtype),
             position_ids=positions[:, None],
-            past_key_values=cache,
+            cache=cache,  # transformers 5.24 renamed past_key_values (removed in 5.40)
             use_cache=True,
         )
         return self.model.language.get_output_embeddings()(out.last_hidden_state[:, -1]).float()

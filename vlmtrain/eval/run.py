@@ -13,12 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoTokenizer
 
-from vlmtrain.data.process import ImageTransform, decode_image
+from vlmtrain.data.process import IMAGE_EXTENSIONS, ImageTransform, decode_image
+from vlmtrain.data.prompt import CAPTION_PROMPT, question_messages
 from vlmtrain.data.stream import load_source, read_shard
-from vlmtrain.eval.generate import GenerationConfig, Generator, build_prompt
+from vlmtrain.eval.generate import GenerationConfig, Generator
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -41,13 +40,17 @@ def load_trained(
         )
     model = VisionLanguageModel.from_pretrained(checkpoint, attn_backend="sdpa").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    mode = "prefix"
-    stage_cfg = checkpoint / "stage_config.json"
-    if stage_cfg.is_file():
-        trained = json.loads(stage_cfg.read_text()).get("mask", {}).get("mode", "prefix")
-        # A stage-0 (bidirectional) model is prefilled with the prefix mask: generation is causal anyway.
-        mode = "causal" if trained == "causal" else "prefix"
+    # A stage-0 (bidirectional) model is prefilled with the prefix mask: generation is causal anyway.
+    mode = "causal" if trained_mask(checkpoint) == "causal" else "prefix"
     return model, tokenizer, mode
+
+
+def trained_mask(checkpoint: Path) -> str:
+    """The mask mode the stage that wrote `checkpoint` trained with (its stage_config.json; default prefix)."""
+    stage_cfg = Path(checkpoint) / "stage_config.json"
+    if not stage_cfg.is_file():
+        return "prefix"
+    return str(json.loads(stage_cfg.read_text()).get("mask", {}).get("mode", "prefix"))
 
 
 def iter_eval_samples(
@@ -65,7 +68,10 @@ def iter_eval_samples(
             if "json" not in members:
                 raise ValueError(f"{shard.path}: sample {key} has no json member")
             meta = json.loads(bytes(members["json"]).decode("utf-8"))
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            present = sorted(e for e in members if e in IMAGE_EXTENSIONS)
+            if len(present) > 1:  # training skips these (multiple_images); a score needs every sample
+                raise ValueError(f"{shard.path}: sample {key} has several images {present}; keep one")
+            ext = present[0] if present else None
             image = None
             if ext is not None:
                 try:
@@ -101,9 +107,7 @@ def answer_batch(
     generator: Generator, batch: list[EvalSample], questions: list[str], num_image_tokens: int
 ) -> list[str]:
     prompts = [
-        build_prompt(
-            generator.tokenizer, [{"role": "user", "content": q}], s.image is not None, num_image_tokens
-        )
+        generator.renderer.build_prompt(question_messages(q), s.image is not None, num_image_tokens)
         for s, q in zip(batch, questions, strict=True)
     ]
     images = [s.image for s in batch if s.image is not None]
@@ -186,13 +190,12 @@ def eval_caption(
 
     console = console or Console()
     require_java()  # fail before generating for an hour
-    default_prompt = "Write a short caption for the image."
 
     def question(s: EvalSample) -> str:
         if prompt is not None:
             return prompt
         conv = s.meta.get("conversations") or []
-        return conv[0]["value"] if conv else default_prompt
+        return conv[0]["value"] if conv else CAPTION_PROMPT
 
     samples, answers, _ = generate_answers(
         checkpoint, data, question, gen_cfg, batch_size, limit, console, device, "captioning", mask
@@ -236,9 +239,10 @@ def eval_vqa(
     mask: str | None = None,
 ) -> dict[str, float]:
     """Answer every question of `data` (its first human turn) and score PathVQA-style metrics."""
+    from vlmtrain.data.answers import infer_answer_type
     from vlmtrain.eval.caption_metrics import atomic_write_json, write_metrics
     from vlmtrain.eval.report import vqa_table
-    from vlmtrain.eval.vqa_metrics import infer_answer_type, pathvqa_metrics
+    from vlmtrain.eval.vqa_metrics import pathvqa_metrics
 
     console = console or Console()
 

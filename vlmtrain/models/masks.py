@@ -16,11 +16,10 @@ Tokens never attend across samples. A padding query attends only to itself, so n
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-MaskMode = Literal["bidirectional", "prefix", "causal"]
+from vlmtrain.config.schema import MaskMode
+
 MASK_MODES: tuple[str, ...] = ("bidirectional", "prefix", "causal")
 
 

@@ -20,7 +20,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, SiglipVisionC
 
 from vlmtrain import __version__
 from vlmtrain.config.schema import ModelConfig
-from vlmtrain.data.process import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the label convention
 from vlmtrain.data.tokenizer import image_token_id
 from vlmtrain.durable import fsync_file, replace_durably, write_text_durably
 from vlmtrain.models.language import language_config_from_dict, load_language_model, resolve_attn_backend

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmtrain.eval.vqa_metrics import infer_answer_type
+from vlmtrain.data.answers import infer_answer_type
 
 # How many leading records are inspected to decide whether a file is in the requested format at all.
 SNIFF_RECORDS = 100

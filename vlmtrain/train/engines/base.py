@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlmtrain.data.process import IGNORE_INDEX
 from vlmtrain.dist import DistContext
-from vlmtrain.models.vlm import IGNORE_INDEX, VisionLanguageModel, VLMOutput
+from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
 from vlmtrain.precision import PrecisionPolicy
 
 if TYPE_CHECKING:

@@ -1,0 +1,266 @@
+"""Sample -> prompt token ids: the one place a conversation becomes tokens.
+
+Training (`vlmtrain.data.process.SampleProcessor`), validation and evaluation (`vlmtrain.eval.run`),
+`vlmtrain caption` / `ask` and the exported chat template (`vlmtrain.export`) all take their layout from here:
+
+    [image placeholder] * num_image_tokens   (only when the sample has an image)
+    the tokenizer's chat template, split into (prompt, answer) spans per user turn, each span tokenized alone
+
+`ChatRenderer.tokenize_pairs` gives training its (prompt, answer) token spans; `ChatRenderer.prompt_ids` gives
+generation the ids of a conversation that ends with a user turn plus the assistant header: by construction
+exactly the prompt part training saw before that answer. `multimodal_chat_template` wraps the tokenizer's text
+template so that transformers' standard multimodal messages render this same layout.
+
+Spans are tokenized one by one (training needs the answer boundary); a template string tokenized in one piece
+(what transformers' `apply_chat_template(tokenize=True)` does) gives the same ids whenever no BPE merge crosses a
+span boundary, which holds for ChatML: every boundary is next to a special token or the header's newline, and
+answers not starting with whitespace do not merge into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from vlmtrain.data.tokenizer import IM_END, IMAGE_TOKEN, PAD_TOKEN, image_token_id
+
+# The instruction of caption samples when the data gives none (sharding, evaluation, `vlmtrain caption`).
+CAPTION_PROMPT = "Write a short caption for the image."
+
+# Shard conversation roles -> chat-template roles.
+ROLES: Mapping[str, str] = {"human": "user", "gpt": "assistant"}
+
+_PROMPT_CACHE_SIZE = 4096  # distinct prompt spans remembered per renderer (per worker)
+
+Message = dict[str, str]
+
+
+class TemplateError(ValueError):
+    """The tokenizer's chat template cannot be split into per-turn spans (not prefix-consistent)."""
+
+
+@dataclass(frozen=True)
+class TurnPair:
+    """Token ids of one (user, assistant) exchange, split where the assistant's answer starts."""
+
+    prompt: Sequence[int]
+    """Everything before the answer: earlier template text, the user turn and the assistant header."""
+    answer: Sequence[int]
+    """The answer content, the turn-end token and whatever the template puts after it (e.g. "\\n")."""
+    supervised: int
+    """How many leading answer tokens are supervised (content + turn-end token)."""
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.answer)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One generation prompt: token ids with the image placeholders at the front when there is an image."""
+
+    input_ids: list[int]
+    has_image: bool
+
+
+def messages_from_turns(turns: Sequence[Mapping[str, str]]) -> list[Message]:
+    """Shard `conversations` ({'from': 'human'|'gpt', 'value'}) as chat messages ({'role', 'content'})."""
+    return [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def question_messages(question: str) -> list[Message]:
+    """A single user turn awaiting an answer (evaluation, `caption`, one-shot `ask`)."""
+    return [{"role": "user", "content": question}]
+
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Tokens that end an answer: the turn end (<|im_end|>) and the tokenizer's eos/pad."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids |= set(tokenizer.convert_tokens_to_ids([IM_END, PAD_TOKEN]))
+    return {int(i) for i in ids if i is not None and i != tokenizer.unk_token_id}
+
+
+class ChatRenderer:
+    """Renders conversations with a tokenizer's own chat template and tokenizes them span by span.
+
+    For each assistant turn i, the rendering of ``messages[:i]`` with the generation prompt marks where the
+    answer starts and the rendering of ``messages[:i+1]`` where the turn ends. Each span is tokenized on its
+    own, so the prompt tokens are exactly those generation starts from, and the answer tokens are what the
+    model must emit.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, turn_end_token: str = IM_END) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("the tokenizer has no chat_template; use an instruct tokenizer or set one")
+        self.tokenizer = tokenizer
+        self.turn_end_token = turn_end_token
+        ids = tokenizer.encode(turn_end_token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise TemplateError(
+                f"turn_end_token {turn_end_token!r} is not a single token in this tokenizer ({ids})"
+            )
+        self.turn_end_id = int(ids[0])
+        # A fast tokenizer's Rust backend directly: the same ids without the Python wrapper's overhead.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._prompt_ids: dict[str, tuple[int, ...]] = {}
+
+    # ---- spans ----------------------------------------------------------------------------------------
+    def spans(self, messages: Sequence[Message]) -> list[tuple[str, str | None]]:
+        """(prompt text, answer text) per user turn of alternating user/assistant ``messages``.
+
+        A conversation ending with a user turn is rendered with the generation prompt and its last span has
+        answer None: its prompt text ends with the assistant header generation continues from.
+        """
+        if not messages:
+            raise ValueError("a conversation needs at least one user turn")
+        awaiting = len(messages) % 2 == 1
+        full = self._render(messages, add_generation_prompt=awaiting)
+        out: list[tuple[str, str | None]] = []
+        done = 0
+        for i in range(1, len(messages) + 1, 2):  # messages[i] answers messages[i - 1]
+            if i == len(messages):
+                out.append((full[done:], None))
+                done = len(full)
+                break
+            answer_start = self._prefix_length(full, messages[:i], add_generation_prompt=True)
+            last = i + 1 == len(messages)
+            turn_end = (
+                len(full)
+                if last
+                else self._prefix_length(full, messages[: i + 1], add_generation_prompt=False)
+            )
+            if not done <= answer_start <= turn_end:
+                raise TemplateError(
+                    f"chat template spans out of order at message {i}: {done}, {answer_start}, {turn_end}"
+                )
+            out.append((full[done:answer_start], full[answer_start:turn_end]))
+            done = turn_end
+        if done != len(full):
+            raise TemplateError(
+                f"the chat template renders text after the last assistant turn: {full[done:]!r}"
+            )
+        return out
+
+    def tokenize_pairs(self, messages: Sequence[Message]) -> list[TurnPair]:
+        """Token spans of a complete conversation (it ends with an assistant turn): what training learns from."""
+        if len(messages) % 2:
+            raise ValueError("tokenize_pairs needs complete (user, assistant) pairs")
+        pairs = []
+        for prompt, answer in self.spans(messages):
+            assert answer is not None  # complete pairs: every span has its answer
+            answer_ids = self.encode(answer)
+            pairs.append(
+                TurnPair(self.encode_prompt(prompt), answer_ids, self._supervised_length(answer_ids, answer))
+            )
+        return pairs
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """Text ids of a conversation that ends with a user turn, through the assistant header.
+
+        Equal to the prompt part training builds for the answer to that last turn: earlier pairs' prompt and
+        answer spans, then the last prompt span.
+        """
+        if len(messages) % 2 != 1:
+            raise ValueError("a generation prompt ends with a user turn (an odd number of messages)")
+        ids: list[int] = []
+        for prompt, answer in self.spans(messages):
+            ids += self.encode_prompt(prompt)
+            if answer is not None:
+                ids += self.encode(answer)
+        return ids
+
+    def build_prompt(self, messages: Sequence[Message], has_image: bool, num_image_tokens: int) -> Prompt:
+        """The generation prompt: image placeholders first (when there is an image), then `prompt_ids`."""
+        prefix = [image_token_id(self.tokenizer)] * num_image_tokens if has_image else []
+        return Prompt(prefix + self.prompt_ids(messages), has_image)
+
+    # ---- tokens ---------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> tuple[int, ...]:
+        """Prompts repeat across samples (caption/VQA instructions), so their ids are cached."""
+        ids = self._prompt_ids.get(text)
+        if ids is None:
+            if len(self._prompt_ids) >= _PROMPT_CACHE_SIZE:
+                self._prompt_ids.clear()
+            ids = self._prompt_ids[text] = tuple(self.encode(text))
+        return ids
+
+    def _supervised_length(self, answer: Sequence[int], text: str) -> int:
+        for pos in range(len(answer) - 1, -1, -1):
+            if answer[pos] == self.turn_end_id:
+                return pos + 1
+        raise TemplateError(
+            f"assistant turn {text!r} does not end with turn_end_token {self.turn_end_token!r}; set "
+            "ProcessorConfig.turn_end_token to the token this chat template closes turns with"
+        )
+
+    # ---- template -------------------------------------------------------------------------------------
+    def _render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        if not isinstance(text, str):
+            raise TemplateError(
+                f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str"
+            )
+        return text
+
+    def _prefix_length(self, full: str, messages: Sequence[Message], *, add_generation_prompt: bool) -> int:
+        prefix = self._render(messages, add_generation_prompt=add_generation_prompt)
+        if not full.startswith(prefix):
+            raise TemplateError(
+                "the chat template is not prefix-consistent: rendering the first "
+                f"{len(messages)} messages{' with the generation prompt' if add_generation_prompt else ''} "
+                f"gives {prefix[-80:]!r} at the end, which is not how the full conversation starts. Label "
+                "spans cannot be derived; use a template whose earlier turns render the same in longer chats."
+            )
+        return len(prefix)
+
+
+# Converts transformers' multimodal messages ({"type": "image"} / {"type": "text", "text": ...} content items)
+# to the text messages vlmtrain trains on, and puts the one image placeholder first, as training does; the
+# tokenizer's own template then renders the text exactly as in training. String content passes unchanged.
+_MULTIMODAL_PREAMBLE = (
+    "{%- set vlm = namespace(images=0, messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set vlm.messages = vlm.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set part = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}"
+    "{%- set part.text = part.text + item['text'] -%}"
+    "{%- elif item['type'] in ('image', 'image_url') -%}"
+    "{%- set vlm.images = vlm.images + 1 -%}"
+    "{%- else -%}"
+    "{{- raise_exception('vlmtrain models read text and one image; got a ' ~ item['type'] ~ ' item') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set vlm.messages = vlm.messages + [{'role': message['role'], 'content': part.text}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if vlm.images > 1 -%}"
+    "{{- raise_exception('vlmtrain models were trained with one image per conversation; got ' ~ vlm.images) -}}"
+    "{%- endif -%}"
+    "{%- if vlm.images == 1 -%}{{- '" + IMAGE_TOKEN + "' -}}{%- endif -%}"
+    # No right trim: the text template's own leading whitespace, if any, is kept.
+    "{%- set messages = vlm.messages %}"
+)
+
+
+def multimodal_chat_template(text_template: str) -> str:
+    """A chat template for transformers' processors that renders vlmtrain's training layout.
+
+    Multimodal content lists become text (text items concatenated in order, as Qwen2-VL's template does); an
+    image item anywhere in the conversation puts the single image placeholder before everything else; the
+    tokenizer's `text_template` renders the rest. A template already wrapped is returned unchanged.
+    """
+    if text_template.startswith(_MULTIMODAL_PREAMBLE):
+        return text_template
+    return _MULTIMODAL_PREAMBLE + text_template
