@@ -976,7 +976,7 @@ class StreamLoader:
     # -- state ----------------------------------------------------------------------------------------
 
     def skip_counts(self) -> dict[str, int]:
-        """Skipped samples by reason (SKIP_REASONS), over the whole run including the loaded state."""
+        """Skipped samples by reason (SAMPLE_SKIP_REASONS), over the whole run including the loaded state."""
         return self._totals("skipped")
 
     def corrupt_shards(self) -> dict[str, str]:

@@ -70,7 +70,7 @@ class DemoConfig:
     lm_warmstart_steps: int = 300
     vision_warmstart_steps: int = 300
     global_batch: int = 32
-    micro_batch: int = 16
+    micro_batch: int = 32
     lr_scale: float = 20.0
     """All stage LRs are the paper's times this factor: the ratios between groups and stages are kept."""
     vocab_size: int = 700
@@ -79,6 +79,8 @@ class DemoConfig:
     stages_only: tuple[int, ...] = field(default=(0, 1, 2, 3))
     dense_warmstart: bool = True
     """Warm-start the vision tower with the per-patch cell objective too (demo.warmstart); False: contrastive only."""
+    cell_position: bool = True
+    """The per-patch objective also predicts which grid cell a patch is in (so features say where they are)."""
 
 
 def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
@@ -275,6 +277,7 @@ class Demo:
                 seed=c.seed,
                 on_step=cb,
                 scenes=scenes,
+                cell_position=c.cell_position,
             ),
         )
         tower.save_pretrained(str(init / "vision"))

@@ -102,18 +102,25 @@ CELL_ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kind", KINDS),
     ("size", SIZES),
 )
-"""What a patch's feature predicts about its grid cell in the dense warm-start term (class 0: empty cell)."""
+"""What a patch's feature predicts about its grid cell in the dense warm-start term (class 0: empty cell),
+besides which of the GRID x GRID cells it lies in (the last target column)."""
 
 
 def cell_targets(scene: dict, patches_per_side: int) -> torch.Tensor:
-    """[patches, attributes] class ids: for every patch (row-major), its grid cell's color, kind and size
-    (1 + index; 0 when the cell is empty). `scene` is a row of the corpus's scenes JSONL."""
-    cells = torch.zeros(GRID, GRID, len(CELL_ATTRIBUTES), dtype=torch.long)
+    """[patches, attributes + 1] class ids: for every patch (row-major), its grid cell's color, kind and size
+    (1 + index; 0 when the cell is empty), then the cell's index (row x GRID + column).
+
+    The cell index makes each patch feature say where it is: with rotary positions in the LM, an image
+    token's place in the prefix only reaches attention scores (relative offsets), not the values read out,
+    so "where is the red circle?" needs the position inside the feature. `scene` is a row of the corpus's
+    scenes JSONL."""
+    cells = torch.zeros(GRID, GRID, len(CELL_ATTRIBUTES) + 1, dtype=torch.long)
+    cells[..., -1] = torch.arange(GRID * GRID).reshape(GRID, GRID)
     for obj in scene["objects"]:
         for a, (name, values) in enumerate(CELL_ATTRIBUTES):
             cells[obj["y"], obj["x"], a] = 1 + values.index(obj[name])
     rows = torch.arange(patches_per_side) * GRID // patches_per_side  # the cell each patch row lies in
-    return cells[rows[:, None], rows[None, :]].reshape(patches_per_side**2, len(CELL_ATTRIBUTES))
+    return cells[rows[:, None], rows[None, :]].reshape(patches_per_side**2, len(CELL_ATTRIBUTES) + 1)
 
 
 def pretrain_vision(
@@ -128,9 +135,11 @@ def pretrain_vision(
     on_step: Progress | None = None,
     scenes: Sequence[dict] | None = None,
     dense_weight: float = 1.0,
+    cell_position: bool = True,
 ) -> SiglipVisionModel:
     """A SigLIP vision tower trained with the sigmoid contrastive loss against caption bag-of-words, plus
-    (given the images' `scenes`) `dense_weight` x the per-patch cross-entropy of what each patch's cell holds."""
+    (given the images' `scenes`) `dense_weight` x the per-patch cross-entropy of what each patch's cell holds
+    and, with `cell_position`, of which cell it is in."""
     torch.manual_seed(seed)
     cfg = SiglipVisionConfig(**{**config, "vision_use_head": False})
     tower = SiglipVisionModel(cfg)
@@ -141,7 +150,8 @@ def pretrain_vision(
     log_t = nn.Parameter(torch.tensor(2.302585))
     bias = nn.Parameter(torch.tensor(-10.0))
     side = cfg.image_size // cfg.patch_size
-    dense = nn.ModuleList(nn.Linear(dim, 1 + len(values)) for _, values in CELL_ATTRIBUTES)
+    classes = [1 + len(values) for _, values in CELL_ATTRIBUTES] + ([GRID * GRID] if cell_position else [])
+    dense = nn.ModuleList(nn.Linear(dim, n) for n in classes)
     targets = None if scenes is None else torch.stack([cell_targets(sc, side) for sc in scenes])
     params = [*tower.parameters(), *text.parameters(), *head.parameters(), *dense.parameters(), log_t, bias]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
