@@ -52,7 +52,7 @@ def language_config(vocab_size: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and lengths of the demo; the defaults take about five minutes on 2 CPU cores (docs/demo.md)."""
+    """Sizes and lengths of the demo; the defaults take about 10 minutes on 2 CPU cores (docs/demo.md)."""
 
     out: Path = Path("demo_out")
     n_train: int = 2000
