@@ -17,6 +17,8 @@ Variants (one change each against `shipped`):
   flex            FlexAttention with its BlockMask (CUDA only: its backward is GPU-only), rows padded to 128
 torch.compile is not a vlmtrain option yet, so it is not toggled.
 
+Per stage, at real size on any device: the share of FlexAttention's 128 x 128 attention tiles the stage's
+mask lets a block-sparse kernel skip (padded and token-budget layouts; models.masks.skipped_block_share).
 Figures per variant: median step seconds over --steps timed steps after --warmup, real (non-padding) tokens/s,
 model TFLOP/s and MFU from vlmtrain.train.flops (the same FLOP model the trainer logs; the peak from its GPU
 table, or --peak-tflops), hardware FLOP utilisation (recompute counted), and peak memory
@@ -48,7 +50,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_token_budget import STAGES, make_samples  # a sibling script, not a package
+from bench_token_budget import STAGES, layouts, make_samples  # a sibling script, not a package
 
 from vlmtrain.data.collate import BUDGET_WIDTH_MULTIPLE, MODEL_KEYS, budget_collate, pad_collate
 from vlmtrain.models.loss import supervised_index
@@ -237,6 +239,21 @@ def measure(
     return out
 
 
+def skipped_blocks(stage_no: int, samples: int = 128) -> dict[str, float]:
+    """Share of FlexAttention's 128 x 128 tiles the stage's mask skips, at REAL size whatever the device: one
+    step's samples (bench_token_budget's lengths) laid out padded and by token budget, averaged over the
+    micro-batches (models.masks.skipped_block_share; SDPA with a boolean mask computes every tile)."""
+    from vlmtrain.models.masks import skipped_block_share
+
+    dist, mode = STAGES[f"stage{stage_no}"]
+    lengths = dist.lengths(random.Random(2000 + stage_no), samples)
+    built = layouts(make_samples(lengths, 256, 1000, 5, 1, seed=stage_no), dist, 1, 1)
+    return {
+        name: statistics.fmean(skipped_block_share(mode, m["sample_ids"], m["image_flags"]) for m in micros)
+        for name, micros in built.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", default="0,1,2,3")
@@ -276,7 +293,12 @@ def main() -> None:
     t_start = time.perf_counter()
     variants = [v for v in args.variants.split(",") if v]
     for stage_no in (int(s) for s in args.stages.split(",")):
-        entry: dict[str, Any] = {}
+        entry: dict[str, Any] = {"attention_tiles_skipped_real_size": skipped_blocks(stage_no)}
+        print(
+            f"stage{stage_no} attention tiles a block-sparse kernel skips at real size: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in entry["attention_tiles_skipped_real_size"].items()),
+            flush=True,
+        )
         for variant in variants:
             if variant == "flex" and device.type != "cuda":
                 entry[variant] = {"skipped": "FlexAttention's backward runs on CUDA only"}
