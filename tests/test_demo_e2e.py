@@ -149,9 +149,13 @@ def test_tiny_demo_writes_both_comparisons(tmp_path):
         (["--steps", "1,0,1,1"], "expected 4 positive integers"),
         (["--warmstart-steps", "a,b"], "expected 2 positive integers"),
         (["--mask", "bidirectional"], "expected prefix or causal"),
+        (["--tweak", "bogus=1"], "FIELD one of"),
+        (["--tweak", "n_train=many"], "n_train=many"),
+        (["--tweak", "dense_warmstart=maybe"], "expected true or false"),
     ],
 )
 def test_demo_rejects_bad_arguments_before_any_work(tmp_path, args, message):
+    """Usage errors exit 2 with the message before any file is written."""
     from typer.testing import CliRunner
 
     from vlmtrain.cli import app
@@ -161,3 +165,15 @@ def test_demo_rejects_bad_arguments_before_any_work(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def test_tweaks_parse_by_field_type():
+    from vlmtrain.demo.run import DemoConfig, apply_tweaks
+
+    cfg = apply_tweaks(
+        DemoConfig(),
+        ["cell_position=false", "micro_batch=16", "lr_scale=2.5", "stage_steps=1,2,3,4", "mask=causal"],
+    )
+    assert (cfg.cell_position, cfg.micro_batch, cfg.lr_scale) == (False, 16, 2.5)
+    assert (cfg.stage_steps, cfg.mask) == ((1, 2, 3, 4), "causal")
+    assert apply_tweaks(DemoConfig(), []) == DemoConfig()
