@@ -114,6 +114,12 @@ def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+def _expand_counts(counts: dict[str, dict[str, int]]) -> tuple[dict[str, str], dict[str, str]]:
+    """{group: {answer: n}} as one id per training answer: (id -> answer, id -> group), vqa_metrics' inputs."""
+    answers = {f"{g}:{a}:{i}": a for g, c in counts.items() for a, n in c.items() for i in range(n)}
+    return answers, {k: k.split(":")[0] for k in answers}
+
+
 @dataclass
 class Variant:
     name: str
@@ -335,9 +341,9 @@ class Demo:
         for ann in json.loads((eval_dir / "references.json").read_text())["annotations"]:
             refs.setdefault(ann["image_id"], []).append(ann["caption"])
         caption, cap_metrics = best_constant_caption(refs)
-        counts = json.loads(corpus.vqa_train_answers.read_text())["by_answer_type"]
-        train = {f"{t}:{a}:{i}": a for t, c in counts.items() for a, n in c.items() for i in range(n)}
-        train_types = {k: k.split(":")[0] for k in train}
+        train, train_types = _expand_counts(
+            json.loads(corpus.vqa_train_answers.read_text())["by_answer_type"]
+        )
         gold = [json.loads(line) for line in corpus.vqa_test.read_text().splitlines()]
         chosen, vqa_metrics = majority_answer_baseline(
             train,
@@ -371,14 +377,16 @@ class Demo:
         """Accuracy per question type of the model in `eval_dir` and of the majority training answer of each
         question type (a stronger baseline than one answer per answer type: e.g. the most common color)."""
         from vlmtrain.data.answers import normalize_answer
+        from vlmtrain.eval.vqa_metrics import majority_answers
 
         gold = {g["id"]: g for g in map(json.loads, corpus.vqa_test.read_text().splitlines())}
         preds = {
             p["question_id"]: p["answer"]
             for p in json.loads((eval_dir / "vqa" / "predictions.json").read_text())
         }
-        counts = json.loads(corpus.vqa_train_answers.read_text())["by_question_type"]
-        majority = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in counts.items()}
+        majority = majority_answers(
+            *_expand_counts(json.loads(corpus.vqa_train_answers.read_text())["by_question_type"])
+        )
         hits: dict[str, list[tuple[float, float]]] = {}
         for qid, g in gold.items():
             truth = normalize_answer(g["answer"])

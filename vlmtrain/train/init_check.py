@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from vlmtrain.config.load import ConfigError, stage_config_from_dict
 from vlmtrain.config.schema import INIT_OVERRIDES, ModelConfig, StageConfig, given_keys
 from vlmtrain.models.language import language_config_from_dict
 from vlmtrain.models.vlm import CONFIG_NAME
+from vlmtrain.train.trainer import FINAL
 
 STAGE_CONFIG_NAME = "stage_config.json"
 SOURCES = ("vision", "language", "tokenizer")
@@ -166,3 +168,38 @@ def _config_lines(key: str, mine: dict[str, Any] | None, theirs: dict[str, Any] 
         for entry in sorted(set(a) | set(b))
         if a.get(entry) != b.get(entry)
     ]
+
+
+def resolve_init(stage: StageConfig, run_dir: Path) -> Path | None:
+    """`init_from` as a directory: a previous stage's output under the run directory, or a path."""
+    if stage.init_from is None:
+        return None
+    candidates = [run_dir / stage.init_from / FINAL, Path(stage.init_from)]
+    for c in candidates:
+        if (c / CONFIG_NAME).is_file():
+            return c
+    raise FileNotFoundError(
+        f"stage {stage.name}: init_from={stage.init_from!r} found no model at {candidates[0]} or {candidates[1]}; "
+        f"run stage {stage.init_from!r} first (same --run-dir) or point init_from at a saved model directory"
+    )
+
+
+def resolve_model(
+    stage: StageConfig, run_dir: Path, planned: Mapping[str, ModelConfig] | None = None
+) -> StageConfig:
+    """The stage as it trains: with `init_from`, its `model` block is checked against the checkpoint's
+    (InitFromMismatch) and replaced by it, so the stage_config.json it writes says what the model is.
+
+    `planned` holds the resolved blocks of earlier stages of this command that have not run yet: an
+    `init_from` naming one is checked against that block (the directory does not exist yet). Reads JSON only.
+    """
+    if stage.init_from is None:
+        return stage
+    if planned is not None and stage.init_from in planned:
+        ref = InitReference(
+            planned[stage.init_from], f"stage {stage.init_from}'s output, trained earlier in this run"
+        )
+    else:
+        ref = reference_from_directory(resolve_init(stage, run_dir))  # type: ignore[arg-type]
+    check_model_block(stage, ref)
+    return dataclasses.replace(stage, model=effective_model(stage, ref))

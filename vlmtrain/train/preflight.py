@@ -271,7 +271,7 @@ def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) 
     Stages skipped by `--resume auto` (their output is complete) are read from disk like any directory.
     """
     from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME
-    from vlmtrain.train.run import resolve_init, resolve_model
+    from vlmtrain.train.init_check import resolve_init, resolve_model
     from vlmtrain.train.trainer import is_stage_complete
 
     planned: dict[str, ModelConfig] = {}

@@ -2,65 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from vlmtrain.config.schema import ModelConfig, StageConfig
+from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
 from vlmtrain.models.masks import FLEX_BLOCK_SIZE
-from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
-from vlmtrain.train.init_check import (
-    InitReference,
-    check_model_block,
-    effective_model,
-    reference_from_directory,
-)
+from vlmtrain.models.vlm import VisionLanguageModel
+from vlmtrain.train.init_check import resolve_init, resolve_model
 from vlmtrain.train.preflight import require_preflight
 from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
 from vlmtrain.train.validation import Validator
-
-
-def resolve_init(stage: StageConfig, run_dir: Path) -> Path | None:
-    """`init_from` as a directory: a previous stage's output under the run directory, or a path."""
-    if stage.init_from is None:
-        return None
-    candidates = [run_dir / stage.init_from / FINAL, Path(stage.init_from)]
-    for c in candidates:
-        if (c / CONFIG_NAME).is_file():
-            return c
-    raise FileNotFoundError(
-        f"stage {stage.name}: init_from={stage.init_from!r} found no model at {candidates[0]} or {candidates[1]}; "
-        f"run stage {stage.init_from!r} first (same --run-dir) or point init_from at a saved model directory"
-    )
-
-
-def resolve_model(
-    stage: StageConfig, run_dir: Path, planned: Mapping[str, ModelConfig] | None = None
-) -> StageConfig:
-    """The stage as it trains: with `init_from`, its `model` block is checked against the checkpoint's
-    (InitFromMismatch) and replaced by it, so the stage_config.json it writes says what the model is.
-
-    `planned` holds the resolved blocks of earlier stages of this command that have not run yet: an
-    `init_from` naming one is checked against that block (the directory does not exist yet). Reads JSON only.
-    """
-    if stage.init_from is None:
-        return stage
-    if planned is not None and stage.init_from in planned:
-        ref = InitReference(
-            planned[stage.init_from], f"stage {stage.init_from}'s output, trained earlier in this run"
-        )
-    else:
-        ref = reference_from_directory(resolve_init(stage, run_dir))  # type: ignore[arg-type]
-    check_model_block(stage, ref)
-    return dataclasses.replace(stage, model=effective_model(stage, ref))
 
 
 def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionLanguageModel, object]:
