@@ -540,6 +540,23 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     assert all_files(tmp_path) == first
 
 
+def test_train_turns_set_training_conversation_lengths_only(tmp_path: Path) -> None:
+    base = write_corpus(tmp_path / "base", 60, 12, seed=5)
+    long = write_corpus(tmp_path / "long", 60, 12, seed=5, train_turns=(5, 7))
+    turns = [len(r["conversations"]) // 2 for r in load(long.instruct_train) if "image" in r]
+    assert min(turns) == 5 and max(turns) == 7, sorted(set(turns))
+    base_turns = [len(r["conversations"]) // 2 for r in load(base.instruct_train) if "image" in r]
+    assert max(base_turns) <= 4
+    # The test split (images, references, questions) does not depend on the training conversations.
+    for name in ("vqa_test.jsonl", "scenes_test.jsonl", "scenes_train.jsonl"):
+        assert (base.root / name).read_bytes() == (long.root / name).read_bytes(), name
+    assert load(base.karpathy) == load(long.karpathy)
+    with pytest.raises(ValueError, match="train_turns"):
+        write_corpus(tmp_path / "bad", 10, 2, train_turns=(1, 3))
+    with pytest.raises(ValueError, match="train_turns"):
+        write_corpus(tmp_path / "bad", 10, 2, train_turns=(3, 9))
+
+
 def test_rejects_images_too_small_for_the_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size 16"):
         write_corpus(tmp_path, 10, 2, image_size=16)

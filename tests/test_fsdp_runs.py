@@ -53,9 +53,10 @@ LOSS_RTOL = 2.0**-8
 GRAD_NORM_RTOL = 0.05
 # fp32 runs against plain PyTorch in one process: they differ only in the order of floating-point
 # reductions. Measured: losses within 3e-8 and gradient norms within 2.3e-7 relative, final weights within
-# 4.3e-8, while every group moved by at least 1.2e-5 (vision: LR 5e-6 over 4 steps).
+# 4.3e-8 on an AVX2 CPU and within 2.2e-7 on an AVX512 one (ZeRO-3: one element of a down_proj), while every
+# group moved by at least 1.2e-5 (vision: LR 5e-6 over 4 steps), 24x the weight tolerance.
 FP32_RTOL = 1e-5
-FP32_WEIGHT_ATOL = 2e-7
+FP32_WEIGHT_ATOL = 5e-7
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,9 @@ def assert_matches_plain(stage_dir: Path, keys: Path, plain: PlainRun, data: Tra
     weights = load_weights(stage_dir / "final" / "model.safetensors")
     assert weights.keys() == plain.weights.keys()
     for name, value in plain.weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=0, atol=FP32_WEIGHT_ATOL, msg=name)
+        torch.testing.assert_close(
+            weights[name], value, rtol=0, atol=FP32_WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_fp32_fsdp_two_ranks_equal_plain_pytorch_with_text_only_micro_batches(tmp_path, data, plain):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 from rich.console import Console
+
+from vlmtrain.demo.run import DemoConfig
 
 app = typer.Typer(
     help="vlmtrain: train small vision-language models (SigLIP -> MLP projector -> Qwen2) stage by stage.",
@@ -478,13 +482,22 @@ def _positive_ints(text: str, n: int, hint: str) -> tuple[int, ...]:
     return values
 
 
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+# The demo's defaults live in DemoConfig only (a light import: no torch); the options show them. Read off the
+# fields, not an instance: building one validates it, which imports numpy and PIL.
+_DEMO = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(DemoConfig)})
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), "--out", help="Everything is written under this folder."),
-    n_train: int = typer.Option(2000, "--n-train", min=1, help="Synthetic training images."),
-    n_test: int = typer.Option(200, "--n-test", min=1, help="Synthetic test images."),
+    out: Path = typer.Option(_DEMO.out, "--out", help="Everything is written under this folder."),
+    n_train: int = typer.Option(_DEMO.n_train, "--n-train", min=1, help="Synthetic training images."),
+    n_test: int = typer.Option(_DEMO.n_test, "--n-test", min=1, help="Synthetic test images."),
     mask: str = typer.Option(
-        "prefix", "--mask", help="Mask of stages 1-3: prefix (the paper) or causal (LLaVA)."
+        _DEMO.mask, "--mask", help="Mask of stages 1-3: prefix (the paper) or causal (LLaVA)."
     ),
     compare_masks: bool = typer.Option(
         False, "--compare-masks", help="Also train the other mask; table + DIR/compare_masks.png."
@@ -499,9 +512,13 @@ def demo(
         "--compare-stages",
         help="Also train without stages 0-1 (stage 2 from the warm start, same total steps); table + plot.",
     ),
-    steps: str = typer.Option("60,60,300,400", "--steps", help="Optimizer steps of stages 0,1,2,3."),
-    warmstart_steps: str = typer.Option("300,300", "--warmstart-steps", help="Warm-start steps: LM,vision."),
-    seed: int = typer.Option(0, "--seed"),
+    steps: str = typer.Option(_csv(_DEMO.stage_steps), "--steps", help="Optimizer steps of stages 0,1,2,3."),
+    warmstart_steps: str = typer.Option(
+        _csv((_DEMO.lm_warmstart_steps, _DEMO.vision_warmstart_steps)),
+        "--warmstart-steps",
+        help="Warm-start steps: LM,vision.",
+    ),
+    seed: int = typer.Option(_DEMO.seed, "--seed"),
     tweak: list[str] = typer.Option(
         [],
         "--tweak",
@@ -509,7 +526,7 @@ def demo(
     ),
 ) -> None:
     """The whole framework on a CPU in minutes: synthetic data, shards, four stages, evaluation vs baselines."""
-    from vlmtrain.demo.run import DemoConfig, apply_tweaks, run_demo
+    from vlmtrain.demo.run import apply_tweaks, run_demo
 
     _mask(mask)
     stage_steps = _positive_ints(steps, 4, "--steps")

@@ -18,6 +18,7 @@ from vlmtrain.demo.scenes import MIN_IMAGE_SIZE, Scene, sample_scene, scene_spli
 
 SPLITS: tuple[str, ...] = ("train", "test")
 CAPTIONS_PER_IMAGE = 5
+# Questions per image (a caption opening counts as one): the test split's always, the train split's by default.
 MIN_TURNS, MAX_TURNS = 2, 4
 
 # One drawn scene in TEST_EVERY (by content hash) belongs to the test split; see scenes.scene_split.
@@ -118,10 +119,29 @@ def draw_scenes(split: str, n: int, seed: int) -> tuple[list[Scene], int]:
     return scenes, rejected
 
 
+def check_train_turns(turns: tuple[int, int]) -> None:
+    """Raise unless `turns` bounds a training conversation: a caption opening takes one of at least 2 turns, and
+    an image has at most text.MAX_QUESTIONS question forms."""
+    if len(turns) != 2 or not 2 <= turns[0] <= turns[1] <= text.MAX_QUESTIONS:
+        raise ValueError(
+            f"train_turns {turns}: need min,max with 2 <= min <= max <= {text.MAX_QUESTIONS} (question forms per image)"
+        )
+
+
 def write_corpus(
-    out: Path, n_train: int, n_test: int, image_size: int = 64, seed: int = 0, *, overwrite: bool = False
+    out: Path,
+    n_train: int,
+    n_test: int,
+    image_size: int = 64,
+    seed: int = 0,
+    *,
+    train_turns: tuple[int, int] = (MIN_TURNS, MAX_TURNS),
+    overwrite: bool = False,
 ) -> CorpusPaths:
     """Generate the demo corpus under `out`; the same arguments always give byte-identical files.
+
+    `train_turns` bounds the turns of a training image's conversation (stage 3's data); test images keep
+    MIN_TURNS..MAX_TURNS questions, so the VQA test set does not depend on it.
 
     Refuses to write over an earlier corpus in `out` unless `overwrite`, which then deletes only the
     files and the image folder this function writes.
@@ -134,6 +154,7 @@ def write_corpus(
         raise ValueError(
             f"image_size {image_size} is below {MIN_IMAGE_SIZE}; shapes would merge at that size"
         )
+    check_train_turns(train_turns)
     paths = corpus_paths(Path(out))
     _prepare_output(paths, overwrite)
 
@@ -141,7 +162,8 @@ def write_corpus(
     rejected: dict[str, int] = {}
     for split, n in (("train", n_train), ("test", n_test)):
         scenes, rejected[split] = draw_scenes(split, n, seed)
-        samples[split] = [_describe(split, i, scene, seed) for i, scene in enumerate(scenes)]
+        turns = train_turns if split == "train" else (MIN_TURNS, MAX_TURNS)
+        samples[split] = [_describe(split, i, scene, seed, turns) for i, scene in enumerate(scenes)]
         _write_images(paths.images / split, samples[split], image_size)
 
     instruct = _instruct_records(samples["train"], seed)
@@ -162,11 +184,11 @@ def write_corpus(
 # Text for one image
 
 
-def _describe(split: str, index: int, scene: Scene, seed: int) -> _Sample:
+def _describe(split: str, index: int, scene: Scene, seed: int, turns: tuple[int, int]) -> _Sample:
     rng = np.random.default_rng([seed, _STREAM_TEXT[split], index])
     captions = text.captions(scene, rng, CAPTIONS_PER_IMAGE)
     recap = text.recap(scene, rng)
-    n_turns = int(rng.integers(MIN_TURNS, MAX_TURNS + 1))
+    n_turns = int(rng.integers(turns[0], turns[1] + 1))
     opening: tuple[str, str] | None = None
     # Test images get no caption opening: their questions become the single-turn VQA set.
     if split == "train" and rng.random() < CAPTION_TURN_SHARE:
