@@ -1,17 +1,13 @@
-"""Resuming reuses a completed stage only for the config it was trained with (a changed one is an error)."""
+"""Resuming reuses a completed stage only for the config it was trained with (a changed one is a preflight
+problem, before anything loads)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
-
-import pytest
-import torch
 
 from vlmtrain.config.load import read_json, shipped_stage_path, stage_config_from_dict, stage_config_to_dict
-from vlmtrain.dist import DistContext
-from vlmtrain.train import run as run_module
+from vlmtrain.train.preflight import check_completed_stages, preflight
 from vlmtrain.train.trainer import DONE_MARKER, FINAL, completed_stage_changes, config_changes
 
 
@@ -47,27 +43,19 @@ def test_completed_stage_changes(tmp_path: Path) -> None:
     ]
 
 
-@pytest.fixture
-def no_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """run_stages with preflight passed and a stage run recorded instead of trained."""
-    trained: list[str] = []
-    monkeypatch.setattr(run_module, "require_preflight", lambda *a, **k: SimpleNamespace(notes=[]))
-    monkeypatch.setattr(run_module, "run_stage", lambda s, *a, **k: trained.append(s.name) or Path(s.name))
-    return trained
+def test_resume_accepts_a_completed_stage_with_its_config(tmp_path: Path) -> None:
+    completed(tmp_path, stage(4))
+    assert check_completed_stages([stage(4)], tmp_path, resume=True) == []
 
 
-def test_resume_skips_a_completed_stage_with_its_config(tmp_path: Path, no_training: list[str]) -> None:
+def test_resume_refuses_a_completed_stage_with_another_config(tmp_path: Path) -> None:
     final = completed(tmp_path, stage(4))
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    assert run_module.run_stages([stage(4)], tmp_path, ctx, resume=True) == [final]
-    assert no_training == []
-
-
-def test_resume_refuses_a_completed_stage_with_another_config(tmp_path: Path, no_training: list[str]) -> None:
-    final = completed(tmp_path, stage(4))
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="trained with another config") as err:
-        run_module.run_stages([stage(8)], tmp_path, ctx, resume=True)
-    assert "train.max_steps: 4 -> 8" in str(err.value) and str(final) in str(err.value)
-    assert "new run dir" in str(err.value)
-    assert no_training == []
+    (problem,) = check_completed_stages([stage(8)], tmp_path, resume=True)
+    assert problem.where == "stage2 (--resume)"
+    assert "trained with another config (train.max_steps: 4 -> 8)" in problem.message
+    assert str(final) in problem.message and "new run dir" in problem.message
+    # Without --resume the stage is not skipped, so its old config does not matter here.
+    assert check_completed_stages([stage(8)], tmp_path, resume=False) == []
+    # It is one of the problems preflight lists (with the shipped preset's missing data beside it).
+    lines = [p.line() for p in preflight([stage(8)], tmp_path, world_size=1, resume=True).problems]
+    assert problem.line() in lines

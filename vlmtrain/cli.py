@@ -548,7 +548,13 @@ def demo(
         cfg = apply_tweaks(cfg, tweak)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--tweak") from None
-    run_demo(cfg, console)
+    from vlmtrain.config.load import ConfigError
+
+    try:
+        run_demo(cfg, console)
+    except ConfigError as err:  # e.g. preflight: a finished stage of --out was trained with other settings
+        console.print(f"[red]config error:[/] {err}")
+        raise typer.Exit(2) from None
 
 
 def train_entry() -> None:

@@ -14,6 +14,8 @@ What is checked, per stage unless said otherwise:
   URL_TIMEOUT_S; `pipe:` commands are not run (a note says so);
 - `init_from`: an earlier stage of this command, or a directory holding the model, config and tokenizer
   files, whose `model` block agrees with the stage's (vlmtrain.train.init_check);
+- with `--resume auto`, a stage whose output is complete (and would be skipped) was trained with the config
+  it has now (`final/stage_config.json`; the changed keys are named);
 - `train.ds_config` (DeepSpeed stages): the named preset or file exists, parses, and is supported;
 - the run directory can be written: a probe file is created and removed in it, or in its nearest existing
   parent (nothing is left behind, and no folder is created);
@@ -128,6 +130,7 @@ def preflight(
         problems += check_loggers(stage)
     problems += check_urls(remote)
     problems += check_init_from(stages, run_dir, resume)
+    problems += check_completed_stages(stages, run_dir, resume)
     problems += check_run_dir(run_dir)
     found, hub_ids = check_model_sources([m for s in stages for m in model_sources(s)])
     problems += found
@@ -299,6 +302,32 @@ def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) 
             out.append(Problem(where, str(err).removeprefix(f"stage {stage.name}: "), err))
         except ConfigError as err:  # InitFromMismatch: the model block disagrees with the checkpoint
             out.append(Problem(where, one_line(str(err).removeprefix(f"stage {stage.name}: ")), err))
+    return out
+
+
+def check_completed_stages(stages: Sequence[StageConfig], run_dir: Path, resume: bool) -> list[Problem]:
+    """A stage `--resume auto` would skip as complete was trained with the config it has now.
+
+    Otherwise a changed step count or LR would be skipped silently, and every later stage would build on the
+    old output."""
+    from vlmtrain.train.trainer import FINAL, completed_stage_changes, is_stage_complete
+
+    out: list[Problem] = []
+    for stage in stages:
+        stage_dir = run_dir / stage.name
+        if not (resume and is_stage_complete(stage_dir)):
+            continue
+        changes = completed_stage_changes(stage_dir, stage)
+        if changes:
+            more = "; ..." if len(changes) > 5 else ""
+            out.append(
+                Problem(
+                    f"{stage.name} (--resume)",
+                    f"{stage_dir / FINAL} was trained with another config ({'; '.join(changes[:5])}{more}); "
+                    f"resume it with the config it was trained with, or train into a new run dir "
+                    f"(or delete {stage_dir})",
+                )
+            )
     return out
 
 

@@ -18,15 +18,7 @@ from vlmtrain.models.masks import FLEX_BLOCK_SIZE
 from vlmtrain.models.vlm import VisionLanguageModel
 from vlmtrain.train.init_check import resolve_init, resolve_model
 from vlmtrain.train.preflight import require_preflight
-from vlmtrain.train.trainer import (
-    FINAL,
-    PREEMPTION,
-    Fault,
-    StageResult,
-    Trainer,
-    completed_stage_changes,
-    is_stage_complete,
-)
+from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
 from vlmtrain.train.validation import Validator
 
 
@@ -179,16 +171,8 @@ def run_stages(
     try:
         for stage in stages:
             final = run_dir / stage.name / FINAL
+            # Preflight refused a finished stage whose config has changed (check_completed_stages).
             if resume and is_stage_complete(run_dir / stage.name):
-                # A finished stage is reused only for the config it was trained with: a changed step count or
-                # LR would otherwise be skipped silently and every later stage would build on the old output.
-                changes = completed_stage_changes(run_dir / stage.name, stage)
-                if changes:
-                    raise ValueError(
-                        f"{stage.name}: {final} was trained with another config ({'; '.join(changes[:5])}"
-                        f"{'; ...' if len(changes) > 5 else ''}); resume it with the config it was trained "
-                        f"with, or train into a new run dir (or delete {run_dir / stage.name})"
-                    )
                 console.print(f"[bold]{stage.name}[/]: already complete at {final}, skipping")
                 results.append(final)
                 continue
