@@ -195,3 +195,7 @@ def test_tweaks_parse_by_field_type():
         apply_tweaks(DemoConfig(), ["patch_size=12"])
     with pytest.raises(ValueError, match="train_turns"):
         apply_tweaks(DemoConfig(), ["train_turns=1,3"])
+    cfg = apply_tweaks(DemoConfig(), ["lm_width=192", "lm_layers=4"])
+    assert (cfg.lm_width, cfg.lm_layers) == (192, 4)
+    with pytest.raises(ValueError, match="lm_width 100"):
+        apply_tweaks(DemoConfig(), ["lm_width=100"])

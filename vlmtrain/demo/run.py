@@ -35,13 +35,13 @@ VISION = {
 }
 
 
-def language_config(vocab_size: int) -> dict[str, Any]:
+def language_config(vocab_size: int, width: int = 128, layers: int = 3) -> dict[str, Any]:
     return {
         "model_type": "qwen2",
         "vocab_size": vocab_size,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 3,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 1024,
@@ -83,6 +83,10 @@ class DemoConfig:
     """The per-patch objective also predicts which grid cell a patch is in (so features say where they are)."""
     train_turns: tuple[int, int] = (2, 4)
     """Questions per training image's conversation, min,max (stage 3's data; the test questions do not change)."""
+    lm_width: int = 128
+    """Hidden size of the tiny Qwen2 (4 query / 2 key-value heads, MLP 2x): a multiple of 8."""
+    lm_layers: int = 3
+    """Decoder layers of the tiny Qwen2."""
     patch_size: int = 8
     """SigLIP patch size on the 48 px images: 8 gives 36 image tokens (2x2 per grid cell), 16 gives 9 (one per cell)."""
 
@@ -98,6 +102,11 @@ class DemoConfig:
                 f"and every grid cell into whole patches; use 8 or 16"
             )
         check_train_turns(self.train_turns)
+        if self.lm_width % 8 or self.lm_width < 8 or self.lm_layers < 1:
+            raise ValueError(
+                f"lm_width {self.lm_width}, lm_layers {self.lm_layers}: the width must be a positive multiple "
+                "of 8 (4 heads of an even size for the rotary embedding) and the layers at least 1"
+            )
 
 
 def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
@@ -272,7 +281,7 @@ class Demo:
             lambda cb: pretrain_language(
                 chats,
                 tokenizer,
-                language_config(len(tokenizer)),
+                language_config(len(tokenizer), c.lm_width, c.lm_layers),
                 c.lm_warmstart_steps,
                 seed=c.seed,
                 on_step=cb,
