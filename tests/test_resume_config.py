@@ -6,9 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmtrain.config.load import read_json, shipped_stage_path, stage_config_from_dict, stage_config_to_dict
-from vlmtrain.train.preflight import check_completed_stages, preflight
-from vlmtrain.train.trainer import DONE_MARKER, FINAL, completed_stage_changes, config_changes
+from vlmtrain.config.load import (
+    config_changes,
+    read_json,
+    shipped_stage_path,
+    stage_config_from_dict,
+    stage_config_to_dict,
+)
+from vlmtrain.train.preflight import check_completed_stages, completed_stage_changes, preflight
+from vlmtrain.train.trainer import DONE_MARKER, FINAL
 
 
 def stage(max_steps: int = 4, lr: float | None = None):

@@ -201,6 +201,17 @@ def load_stage_config(
     return stage_config_from_dict(data, source=str(path))
 
 
+def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain-JSON configs (a resumed stage against its output)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            change
+            for key in sorted(set(saved) | set(current), key=str)
+            for change in config_changes(saved.get(key), current.get(key), f"{prefix}{key}.")
+        ]
+    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
+
+
 def stage_config_to_dict(cfg: StageConfig) -> dict[str, Any]:
     """Plain-JSON form of a config (the resolved config written next to a stage's output)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -305,12 +305,22 @@ def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) 
     return out
 
 
+def completed_stage_changes(stage_dir: Path, stage: StageConfig) -> list[str]:
+    """How `stage` differs from the config a completed stage in `stage_dir` was trained with (empty: same)."""
+    from vlmtrain.config.load import config_changes, stage_config_to_dict
+    from vlmtrain.train.init_check import STAGE_CONFIG_NAME
+    from vlmtrain.train.trainer import FINAL
+
+    saved = json.loads((stage_dir / FINAL / STAGE_CONFIG_NAME).read_text())
+    return config_changes(saved, stage_config_to_dict(stage))
+
+
 def check_completed_stages(stages: Sequence[StageConfig], run_dir: Path, resume: bool) -> list[Problem]:
     """A stage `--resume auto` would skip as complete was trained with the config it has now.
 
     Otherwise a changed step count or LR would be skipped silently, and every later stage would build on the
     old output."""
-    from vlmtrain.train.trainer import FINAL, completed_stage_changes, is_stage_complete
+    from vlmtrain.train.trainer import FINAL, is_stage_complete
 
     out: list[Problem] = []
     for stage in stages:

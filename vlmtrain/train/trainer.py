@@ -124,23 +124,6 @@ def is_stage_complete(stage_dir: Path) -> bool:
     return (stage_dir / FINAL / DONE_MARKER).is_file()
 
 
-def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain-JSON configs (a resumed stage against its output)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [
-            change
-            for key in sorted(set(saved) | set(current), key=str)
-            for change in config_changes(saved.get(key), current.get(key), f"{prefix}{key}.")
-        ]
-    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
-
-
-def completed_stage_changes(stage_dir: Path, stage: StageConfig) -> list[str]:
-    """How `stage` differs from the config a completed stage in `stage_dir` was trained with (empty: same)."""
-    saved = json.loads((stage_dir / FINAL / "stage_config.json").read_text())
-    return config_changes(saved, stage_config_to_dict(stage))
-
-
 class Trainer:
     """Trains one stage. The model arrives with trainability already applied (models.freeze)."""
 
