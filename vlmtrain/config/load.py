@@ -212,6 +212,10 @@ def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
 
 
+# The file a stage writes beside its weights: the resolved stage config it trained with (resume, init checks, eval).
+STAGE_CONFIG_NAME = "stage_config.json"
+
+
 def stage_config_to_dict(cfg: StageConfig) -> dict[str, Any]:
     """Plain-JSON form of a config (the resolved config written next to a stage's output)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoTokenizer
 
+from vlmtrain.config.load import STAGE_CONFIG_NAME
 from vlmtrain.data.process import IMAGE_EXTENSIONS, ImageTransform, decode_image
 from vlmtrain.data.prompt import CAPTION_PROMPT, question_messages
 from vlmtrain.data.stream import load_source, read_shard
@@ -47,7 +48,7 @@ def load_trained(
 
 def trained_mask(checkpoint: Path) -> str:
     """The mask mode the stage that wrote `checkpoint` trained with (its stage_config.json; default prefix)."""
-    stage_cfg = Path(checkpoint) / "stage_config.json"
+    stage_cfg = Path(checkpoint) / STAGE_CONFIG_NAME
     if not stage_cfg.is_file():
         return "prefix"
     return str(json.loads(stage_cfg.read_text()).get("mask", {}).get("mode", "prefix"))

@@ -26,13 +26,12 @@ from typing import Any
 
 from transformers import SiglipVisionConfig
 
-from vlmtrain.config.load import ConfigError, stage_config_from_dict
+from vlmtrain.config.load import STAGE_CONFIG_NAME, ConfigError, stage_config_from_dict
 from vlmtrain.config.schema import INIT_OVERRIDES, ModelConfig, StageConfig, given_keys
 from vlmtrain.models.language import language_config_from_dict
 from vlmtrain.models.vlm import CONFIG_NAME
 from vlmtrain.train.trainer import FINAL
 
-STAGE_CONFIG_NAME = "stage_config.json"
 SOURCES = ("vision", "language", "tokenizer")
 # Config entries that describe a saved file or runtime switches, not the architecture. `vision_use_head`
 # is forced off by the loader (vlmtrain.models.vision) whatever a config says.

@@ -307,8 +307,7 @@ def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) 
 
 def completed_stage_changes(stage_dir: Path, stage: StageConfig) -> list[str]:
     """How `stage` differs from the config a completed stage in `stage_dir` was trained with (empty: same)."""
-    from vlmtrain.config.load import config_changes, stage_config_to_dict
-    from vlmtrain.train.init_check import STAGE_CONFIG_NAME
+    from vlmtrain.config.load import STAGE_CONFIG_NAME, config_changes, stage_config_to_dict
     from vlmtrain.train.trainer import FINAL
 
     saved = json.loads((stage_dir / FINAL / STAGE_CONFIG_NAME).read_text())

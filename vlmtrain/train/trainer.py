@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from safetensors.torch import save_file
 
-from vlmtrain.config.load import stage_config_to_dict
+from vlmtrain.config.load import STAGE_CONFIG_NAME, stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.data.stream import merge_data_faults
@@ -356,7 +356,7 @@ class Trainer:
             )
             cfg = self.model.config_dict()
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
-            (tmp / "stage_config.json").write_text(json.dumps(stage_config_to_dict(self.stage), indent=2))
+            (tmp / STAGE_CONFIG_NAME).write_text(json.dumps(stage_config_to_dict(self.stage), indent=2))
             (tmp / PRECISION_NAME).write_text(json.dumps(engine.precision.as_dict(), indent=2))
             self.tokenizer.save_pretrained(str(tmp))
             fsync_tree(tmp)  # every file and the folder reach the disk before the marker vouches for them
