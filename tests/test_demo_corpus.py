@@ -482,6 +482,28 @@ def test_vqa_test_answers_are_true(corpus: CorpusPaths) -> None:
     assert {row["image"] for row in rows} == {f"test/{i:06d}.png" for i in range(150)}
 
 
+def test_vqa_train_is_the_training_questions_without_context(corpus: CorpusPaths) -> None:
+    """vqa_train.jsonl: every image question of the first n_test training conversations, in order, with the
+    conversation's answer, as single-turn rows of vqa_test's format; the answers are true of the pixels."""
+    rows = load_jsonl(corpus.vqa_train)
+    n_test = len({row["image"] for row in load_jsonl(corpus.vqa_test)})
+    by_image = {r["image"]: r for r in load(corpus.instruct_train) if "image" in r}
+    expected = []
+    for i in range(n_test):
+        image = f"train/{i:06d}.png"
+        turns = by_image[image]["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
+            prompt = human["value"].removeprefix("<image>\n")
+            if prompt not in ("Write a short caption for the image.", "Describe the image in detail."):
+                expected.append((image, prompt, gpt["value"]))
+    assert [(r["image"], r["question"], r["answer"]) for r in rows] == expected
+    assert set(rows[0]) == set(load_jsonl(corpus.vqa_test)[0])
+    assert len({r["id"] for r in rows}) == len(rows)
+    for row in rows[:200]:
+        background, shapes = pixels_of(corpus, row["image"])
+        assert row["answer"] == answer_from_pixels(row["question"], background, shapes), row["id"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Distribution, splits, determinism
 

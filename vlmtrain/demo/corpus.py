@@ -54,6 +54,9 @@ class CorpusPaths:
     """Karpathy-split JSON over all images, five reference captions each."""
     vqa_test: Path
     """JSONL: single-turn questions on test images with exact answers."""
+    vqa_train: Path
+    """JSONL: the questions of the first n_test train images, single-turn and in vqa_test's format, to score
+    how well a model answers the questions it was trained on (fit) next to the test ones (generalisation)."""
     vqa_train_answers: Path
     """JSON: answer counts of the train questions, for the majority-answer baseline."""
     scenes_train: Path
@@ -96,6 +99,7 @@ def corpus_paths(out: Path) -> CorpusPaths:
         instruct_train=out / "instruct_train.json",
         karpathy=out / "karpathy_shapes.json",
         vqa_test=out / "vqa_test.jsonl",
+        vqa_train=out / "vqa_train.jsonl",
         vqa_train_answers=out / "vqa_train_answers.json",
         scenes_train=out / "scenes_train.jsonl",
         scenes_test=out / "scenes_test.jsonl",
@@ -173,6 +177,12 @@ def write_corpus(
     _write_json(paths.karpathy, _karpathy(samples["train"] + samples["test"]))
     vqa_rows = [_vqa_row(s, k, qa) for s in samples["test"] for k, qa in enumerate(s.questions)]
     _write_jsonl(paths.vqa_test, vqa_rows)
+    # The questions of the training conversations without their context (no caption opening, no earlier
+    # turns): the same form as a test question, so the two accuracies compare fit with generalisation.
+    _write_jsonl(
+        paths.vqa_train,
+        [_vqa_row(s, k, qa) for s in samples["train"][:n_test] for k, qa in enumerate(s.questions)],
+    )
     _write_json(paths.vqa_train_answers, _answer_counts(samples["train"]))
     _write_jsonl(paths.scenes_train, [_scene_row(s) for s in samples["train"]])
     _write_jsonl(paths.scenes_test, [_scene_row(s) for s in samples["test"]])
@@ -346,6 +356,7 @@ def _prepare_output(paths: CorpusPaths, overwrite: bool) -> None:
         paths.instruct_train,
         paths.karpathy,
         paths.vqa_test,
+        paths.vqa_train,
         paths.vqa_train_answers,
         paths.scenes_train,
         paths.scenes_test,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ def language_config(vocab_size: int, width: int = 128, layers: int = 3) -> dict[
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and lengths of the demo; the defaults take about 7 minutes on 2 AVX512 CPU cores (docs/demo.md)."""
+    """Sizes and lengths of the demo; the defaults take about 7 minutes on 2 AVX512 CPU cores and 14 on 2
+    AVX2-only ones (docs/demo.md)."""
 
     out: Path = Path("demo_out")
     n_train: int = 2000
@@ -71,8 +73,9 @@ class DemoConfig:
     vision_warmstart_steps: int = 300
     global_batch: int = 32
     micro_batch: int = 32
-    lr_scale: float = 20.0
-    """All stage LRs are the paper's times this factor: the ratios between groups and stages are kept."""
+    lr_scale: tuple[int, int, int, int] = (20, 20, 20, 60)
+    """Per stage 0-3, its LRs are the paper's times this factor, so the ratios between groups are kept. Stage 3
+    gets 3x the others' factor: its 800 steps fit the yes/no answers only at the higher rate (docs/demo.md)."""
     vocab_size: int = 700
     eval_batch: int = 50
     examples: int = 4
@@ -102,6 +105,10 @@ class DemoConfig:
                 f"and every grid cell into whole patches; use 8 or 16"
             )
         check_train_turns(self.train_turns)
+        if len(self.lr_scale) != 4 or min(self.lr_scale) <= 0:
+            raise ValueError(
+                f"lr_scale {self.lr_scale}: give one positive factor per stage 0-3, e.g. 20,20,20,60"
+            )
         if self.lm_width % 8 or self.lm_width < 8 or self.lm_layers < 1:
             raise ValueError(
                 f"lm_width {self.lm_width}, lm_layers {self.lm_layers}: the width must be a positive multiple "
@@ -140,6 +147,10 @@ def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def _expand_counts(counts: dict[str, dict[str, int]]) -> tuple[dict[str, str], dict[str, str]]:
     """{group: {answer: n}} as one id per training answer: (id -> answer, id -> group), vqa_metrics' inputs."""
     answers = {f"{g}:{a}:{i}": a for g, c in counts.items() for a, n in c.items() for i in range(n)}
@@ -173,7 +184,7 @@ def _stage_configs(
             "attn_backend": "sdpa",
         }
         for group in data["modules"].values():
-            group["lr"] *= cfg.lr_scale
+            group["lr"] *= cfg.lr_scale[stage]
         source = "instruct" if stage == 3 else variant.captions
         data["data"].update(train=str(shards / source / "manifest.json"), max_length=512, num_workers=1)
         data["batch"] = {"global_batch_size": cfg.global_batch, "micro_batch_size": cfg.micro_batch}
@@ -234,11 +245,10 @@ class Demo:
             "short": (corpus.short_train, "llava", {}),
             "instruct": (corpus.instruct_train, "llava", {}),
             "karpathy_test": (corpus.karpathy, "karpathy", {"split": "test"}),
-            "vqa_test": (
-                corpus.vqa_test,
-                "jsonl",
-                {"question_column": "question", "answer_column": "answer"},
-            ),
+            **{
+                name: (src, "jsonl", {"question_column": "question", "answer_column": "answer"})
+                for name, src in (("vqa_test", corpus.vqa_test), ("vqa_train", corpus.vqa_train))
+            },
         }
         for name, (src, fmt, kw) in jobs.items():
             summary = shard(src, fmt, corpus.images, shards / name, shard_size=500, progress=False, **kw)
@@ -350,15 +360,18 @@ class Demo:
             self.cfg.eval_batch,
             console=self.console,
         )
-        vqa = eval_vqa(
-            final,
-            str(shards / "vqa_test" / "manifest.json"),
-            eval_dir / "vqa",
-            GenerationConfig(max_new_tokens=6),
-            self.cfg.eval_batch,
-            console=self.console,
-        )
-        return {"caption": cap, "vqa": vqa}
+        vqa = {
+            key: eval_vqa(
+                final,
+                str(shards / split / "manifest.json"),
+                eval_dir / key,
+                GenerationConfig(max_new_tokens=6),
+                self.cfg.eval_batch,
+                console=self.console,
+            )
+            for key, split in (("vqa", "vqa_test"), ("vqa_train", "vqa_train"))
+        }
+        return {"caption": cap, **vqa}
 
     def baselines(self, corpus, eval_dir: Path) -> dict[str, Any]:
         from vlmtrain.eval.caption_metrics import best_constant_caption
@@ -402,37 +415,53 @@ class Demo:
 
     def by_question_type(self, corpus, eval_dir: Path) -> dict[str, dict[str, float]]:
         """Accuracy per question type of the model in `eval_dir` and of the majority training answer of each
-        question type (a stronger baseline than one answer per answer type: e.g. the most common color)."""
+        question type (a stronger baseline than one answer per answer type: e.g. the most common color), and
+        the model's accuracy on questions of its own training images (`train`: fit against generalisation)."""
         from vlmtrain.data.answers import normalize_answer
         from vlmtrain.eval.vqa_metrics import majority_answers
 
-        gold = {g["id"]: g for g in map(json.loads, corpus.vqa_test.read_text().splitlines())}
-        preds = {
-            p["question_id"]: p["answer"]
-            for p in json.loads((eval_dir / "vqa" / "predictions.json").read_text())
-        }
         majority = majority_answers(
             *_expand_counts(json.loads(corpus.vqa_train_answers.read_text())["by_question_type"])
         )
-        hits: dict[str, list[tuple[float, float]]] = {}
-        for qid, g in gold.items():
-            truth = normalize_answer(g["answer"])
-            model = float(normalize_answer(preds[qid]) == truth)
-            base = float(normalize_answer(majority.get(g["question_type"], "")) == truth)
-            hits.setdefault(g["question_type"], []).append((model, base))
+
+        def predicted(name: str) -> Callable[[dict], str]:
+            preds = json.loads((eval_dir / name / "predictions.json").read_text())
+            by_id = {p["question_id"]: p["answer"] for p in preds}
+            return lambda g: by_id[g["id"]]
+
+        def hits(gold_file: Path, answer: Callable[[dict], str]) -> dict[str, list[float]]:
+            out: dict[str, list[float]] = {}
+            for g in map(json.loads, gold_file.read_text().splitlines()):
+                hit = normalize_answer(answer(g)) == normalize_answer(g["answer"])
+                out.setdefault(g["question_type"], []).append(float(hit))
+            return out
+
+        model = hits(corpus.vqa_test, predicted("vqa"))
+        base = hits(corpus.vqa_test, lambda g: majority.get(g["question_type"], ""))
+        train = hits(corpus.vqa_train, predicted("vqa_train"))
         return {
             t: {
-                "model": sum(m for m, _ in h) / len(h),
-                "majority": sum(b for _, b in h) / len(h),
+                "model": _mean(model[t]),
+                "majority": _mean(base[t]),
                 "majority_answer": majority.get(t, ""),
-                "n": len(h),
+                "n": len(model[t]),
+                "train": _mean(train.get(t, [])),
+                "n_train": len(train.get(t, [])),
             }
-            for t, h in sorted(hits.items())
+            for t in sorted(model)
         }
 
     def report_types(self, per_type: dict[str, dict[str, float]], main: str) -> None:
         table = Table(title=f"VQA accuracy per question type ({main}, x100)")
-        for col in ("question type", "questions", "model", "majority answer of the type", "majority"):
+        cols = (
+            "question type",
+            "questions",
+            "model",
+            "majority answer of the type",
+            "majority",
+            "model, train questions",
+        )
+        for col in cols:
             table.add_column(
                 col, justify="left" if col.startswith(("question type", "majority answer")) else "right"
             )
@@ -443,6 +472,7 @@ class Demo:
                 f"{100 * r['model']:.1f}",
                 repr(r["majority_answer"]),
                 f"{100 * r['majority']:.1f}",
+                f"{100 * r['train']:.1f} ({r['n_train']})",
             )
         self.console.print(table)
 
