@@ -579,6 +579,47 @@ def test_train_turns_set_training_conversation_lengths_only(tmp_path: Path) -> N
         write_corpus(tmp_path / "bad", 10, 2, train_turns=(3, 9))
 
 
+def test_conversations_add_new_questions_per_training_image_and_keep_the_first(tmp_path: Path) -> None:
+    one = write_corpus(tmp_path / "one", 50, 10, seed=3)
+    many = write_corpus(tmp_path / "many", 50, 10, seed=3, conversations=4)
+    one_recs = {r["id"]: r for r in load(one.instruct_train) if "image" in r}
+    many_recs = [r for r in load(many.instruct_train) if "image" in r]
+    check_llava(load(many.instruct_train), many.images)
+    assert len(many_recs) == 4 * len(one_recs) == 200
+    by_image: dict[str, list[dict]] = {}
+    for r in many_recs:
+        by_image.setdefault(r["image"], []).append(r)
+    assert all(len(v) == 4 for v in by_image.values())
+    # The first conversation of every image is the one conversations=1 writes; the others are new draws.
+    for rid, rec in one_recs.items():
+        assert next(r for r in many_recs if r["id"] == rid) == rec
+    distinct = sum(len({json.dumps(r["conversations"]) for r in v}) == 4 for v in by_image.values())
+    assert distinct >= 45, distinct
+    # Every answer is still the true one for its scene: re-derive counts from the scenes.
+    scenes = {row["image"]: row for row in map(json.loads, many.scenes_train.read_text().splitlines())}
+    for r in many_recs:
+        turns = r["conversations"]
+        for q, a in zip(turns[::2], turns[1::2], strict=True):
+            if q["value"].replace("<image>\n", "") in (
+                "How many shapes are there?",
+                "How many shapes can you see?",
+            ):
+                assert a["value"] == str(len(scenes[r["image"]]["objects"]))
+    # Text-only conversations keep their share; the test split does not change.
+    n_text = sum("image" not in r for r in load(many.instruct_train))
+    assert (
+        n_text == 4 * sum("image" not in r for r in load(one.instruct_train)) == 4 * round(50 * 0.05 / 0.95)
+    )
+    for name in ("vqa_test.jsonl", "vqa_train.jsonl", "scenes_test.jsonl", "scenes_train.jsonl"):
+        assert (one.root / name).read_bytes() == (many.root / name).read_bytes(), name
+    counts = load(many.vqa_train_answers)["by_answer_type"]
+    assert sum(sum(c.values()) for c in counts.values()) > 3 * sum(
+        sum(c.values()) for c in load(one.vqa_train_answers)["by_answer_type"].values()
+    )
+    with pytest.raises(ValueError, match="conversations 0"):
+        write_corpus(tmp_path / "bad", 10, 2, conversations=0)
+
+
 def test_rejects_images_too_small_for_the_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size 16"):
         write_corpus(tmp_path, 10, 2, image_size=16)

@@ -79,6 +79,8 @@ class _Sample:
     questions: tuple[text.QA, ...]
     opening: tuple[str, str] | None
     """An optional (prompt, answer) caption request that opens the instruction conversation."""
+    more: tuple[tuple[tuple[str, str] | None, tuple[text.QA, ...]], ...] = ()
+    """Further (opening, questions) conversations about the same image (train only, `conversations` > 1)."""
 
     @property
     def id(self) -> str:
@@ -140,12 +142,15 @@ def write_corpus(
     seed: int = 0,
     *,
     train_turns: tuple[int, int] = (MIN_TURNS, MAX_TURNS),
+    conversations: int = 1,
     overwrite: bool = False,
 ) -> CorpusPaths:
     """Generate the demo corpus under `out`; the same arguments always give byte-identical files.
 
     `train_turns` bounds the turns of a training image's conversation (stage 3's data); test images keep
-    MIN_TURNS..MAX_TURNS questions, so the VQA test set does not depend on it.
+    MIN_TURNS..MAX_TURNS questions, so the VQA test set does not depend on it. Each training image gets
+    `conversations` independently drawn conversations in the instruction set (the first one is the same for
+    any value), so that stage 3 can see new questions about an image instead of repeating one conversation.
 
     Refuses to write over an earlier corpus in `out` unless `overwrite`, which then deletes only the
     files and the image folder this function writes.
@@ -159,6 +164,8 @@ def write_corpus(
             f"image_size {image_size} is below {MIN_IMAGE_SIZE}; shapes would merge at that size"
         )
     check_train_turns(train_turns)
+    if conversations < 1:
+        raise ValueError(f"conversations {conversations}: need at least one conversation per training image")
     paths = corpus_paths(Path(out))
     _prepare_output(paths, overwrite)
 
@@ -167,7 +174,8 @@ def write_corpus(
     for split, n in (("train", n_train), ("test", n_test)):
         scenes, rejected[split] = draw_scenes(split, n, seed)
         turns = train_turns if split == "train" else (MIN_TURNS, MAX_TURNS)
-        samples[split] = [_describe(split, i, scene, seed, turns) for i, scene in enumerate(scenes)]
+        more = conversations - 1 if split == "train" else 0
+        samples[split] = [_describe(split, i, scene, seed, turns, more) for i, scene in enumerate(scenes)]
         _write_images(paths.images / split, samples[split], image_size)
 
     instruct = _instruct_records(samples["train"], seed)
@@ -194,10 +202,36 @@ def write_corpus(
 # Text for one image
 
 
-def _describe(split: str, index: int, scene: Scene, seed: int, turns: tuple[int, int]) -> _Sample:
+def _describe(
+    split: str, index: int, scene: Scene, seed: int, turns: tuple[int, int], more: int = 0
+) -> _Sample:
     rng = np.random.default_rng([seed, _STREAM_TEXT[split], index])
     captions = text.captions(scene, rng, CAPTIONS_PER_IMAGE)
     recap = text.recap(scene, rng)
+    opening, questions = _conversation(split, scene, captions, recap, turns, rng)
+    extra = tuple(
+        _conversation(
+            split,
+            scene,
+            captions,
+            recap,
+            turns,
+            np.random.default_rng([seed, _STREAM_TEXT[split], index, 2 + k]),
+        )
+        for k in range(more)
+    )
+    return _Sample(split, index, scene, captions, recap, questions, opening, extra)
+
+
+def _conversation(
+    split: str,
+    scene: Scene,
+    captions: tuple[str, ...],
+    recap: str,
+    turns: tuple[int, int],
+    rng: np.random.Generator,
+) -> tuple[tuple[str, str] | None, tuple[text.QA, ...]]:
+    """One conversation about the scene: an optional caption opening, then questions of different forms."""
     n_turns = int(rng.integers(turns[0], turns[1] + 1))
     opening: tuple[str, str] | None = None
     # Test images get no caption opening: their questions become the single-turn VQA set.
@@ -207,7 +241,7 @@ def _describe(split: str, index: int, scene: Scene, seed: int, turns: tuple[int,
         else:
             opening = (text.RECAP_PROMPT, recap)
         n_turns -= 1
-    return _Sample(split, index, scene, captions, recap, text.questions(scene, rng, n_turns), opening)
+    return opening, text.questions(scene, rng, n_turns)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,21 +275,43 @@ def _turns(pairs: list[tuple[str, str]], with_image: bool) -> list[dict[str, str
     return turns
 
 
+MORE_SUFFIX = "-more"
+"""Ends the id of every instruction record that `conversations` > 1 adds (see is_first_conversation)."""
+
+
+def is_first_conversation(record_id: str) -> bool:
+    """Whether an instruction record is one that `conversations=1` writes too: the warm starts read only
+    those, so that more conversations change stage 3's data and nothing before it."""
+    return MORE_SUFFIX not in record_id
+
+
 def _instruct_records(train: list[_Sample], seed: int) -> list[dict[str, object]]:
-    records: list[dict[str, object]] = []
-    for s in train:
-        pairs = [s.opening] if s.opening is not None else []
-        pairs += [(qa.question, qa.answer) for qa in s.questions]
-        records.append({"id": s.id, "image": s.image, "conversations": _turns(pairs, with_image=True)})
-    # n_text / (n_train + n_text) = TEXT_ONLY_SHARE
-    n_text = max(1, round(len(train) * TEXT_ONLY_SHARE / (1 - TEXT_ONLY_SHARE)))
+    """The conversations=1 records in their fixed order, then the extra conversations (image and text-only
+    at the same share) in an order of their own, so the first part does not depend on how many there are."""
     rng = np.random.default_rng([seed, _STREAM_TEXT_ONLY])
-    for i in range(n_text):
-        qas = text.text_only_questions(rng, int(rng.integers(1, 3)))
-        pairs = [(qa.question, qa.answer) for qa in qas]
-        records.append({"id": f"text-{i:06d}", "conversations": _turns(pairs, with_image=False)})
-    order = np.random.default_rng([seed, _STREAM_INSTRUCT_ORDER]).permutation(len(records))
-    return [records[int(i)] for i in order]
+    parts: list[list[dict[str, object]]] = []
+    for k in range(1 + max((len(s.more) for s in train), default=0)):
+        suffix = "" if k == 0 else f"{MORE_SUFFIX}{k}"
+        records: list[dict[str, object]] = []
+        for s in train:
+            if k > len(s.more):
+                continue
+            opening, questions = (s.opening, s.questions) if k == 0 else s.more[k - 1]
+            pairs = [opening] if opening is not None else []
+            pairs += [(qa.question, qa.answer) for qa in questions]
+            records.append(
+                {"id": s.id + suffix, "image": s.image, "conversations": _turns(pairs, with_image=True)}
+            )
+        # n_text / (n_image + n_text) = TEXT_ONLY_SHARE
+        n_text = max(1, round(len(records) * TEXT_ONLY_SHARE / (1 - TEXT_ONLY_SHARE)))
+        for i in range(n_text):
+            qas = text.text_only_questions(rng, int(rng.integers(1, 3)))
+            pairs = [(qa.question, qa.answer) for qa in qas]
+            records.append({"id": f"text-{i:06d}{suffix}", "conversations": _turns(pairs, with_image=False)})
+        stream = [seed, _STREAM_INSTRUCT_ORDER] if k == 0 else [seed, _STREAM_INSTRUCT_ORDER, k]
+        order = np.random.default_rng(stream).permutation(len(records))
+        parts.append([records[int(i)] for i in order])
+    return [r for part in parts for r in part]
 
 
 def _karpathy_tokens(sentence: str) -> list[str]:
@@ -299,7 +355,7 @@ def _answer_counts(train: list[_Sample]) -> dict[str, object]:
     by_answer_type: dict[str, Counter[str]] = {}
     by_question_type: dict[str, Counter[str]] = {}
     for s in train:
-        for qa in s.questions:
+        for qa in (qa for qs in (s.questions, *(q for _, q in s.more)) for qa in qs):
             by_answer_type.setdefault(qa.answer_type, Counter())[qa.answer] += 1
             by_question_type.setdefault(qa.question_type, Counter())[qa.answer] += 1
     return {

@@ -53,8 +53,8 @@ def language_config(vocab_size: int, width: int = 128, layers: int = 3) -> dict[
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and lengths of the demo; the defaults take about 7 minutes on 2 AVX512 CPU cores and 14 on 2
-    AVX2-only ones (docs/demo.md)."""
+    """Sizes and lengths of the demo; the defaults take about 12 minutes on 2 AVX2-only CPU cores, whose stage
+    steps take about twice as long as on AVX512 ones (docs/demo.md)."""
 
     out: Path = Path("demo_out")
     n_train: int = 2000
@@ -75,8 +75,8 @@ class DemoConfig:
     micro_batch: int = 32
     lr_scale: tuple[int, int, int, int] = (20, 20, 20, 60)
     """Per stage 0-3, its LRs are the paper's times this factor, so the ratios between groups are kept. Stage 3
-    gets 3x the others' factor: its 800 steps then fit more of the yes/no answers and score 3 VQA points more
-    (docs/demo.md)."""
+    gets 3x the others' factor: the best VQA of 1x, 3x and 6x with 1 or 13 conversations per image (with 13,
+    the best CIDEr too; docs/demo.md)."""
     vocab_size: int = 700
     eval_batch: int = 50
     examples: int = 4
@@ -87,6 +87,10 @@ class DemoConfig:
     """The per-patch objective also predicts which grid cell a patch is in (so features say where they are)."""
     train_turns: tuple[int, int] = (2, 4)
     """Questions per training image's conversation, min,max (stage 3's data; the test questions do not change)."""
+    conversations: int = 13
+    """Independently drawn conversations per training image in stage 3's data. 13 is about how often stage 3's
+    800 x 32 samples draw each of 2,000 images, so each conversation is seen about once: fresh questions
+    instead of memorised answers (1: the same conversation every epoch; docs/demo.md)."""
     lm_width: int = 128
     """Hidden size of the tiny Qwen2 (4 query / 2 key-value heads, MLP 2x): a multiple of 8."""
     lm_layers: int = 3
@@ -106,6 +110,8 @@ class DemoConfig:
                 f"and every grid cell into whole patches; use 8 or 16"
             )
         check_train_turns(self.train_turns)
+        if self.conversations < 1:
+            raise ValueError(f"conversations {self.conversations}: need at least 1 per training image")
         if len(self.lr_scale) != 4 or min(self.lr_scale) <= 0:
             raise ValueError(
                 f"lr_scale {self.lr_scale}: give one positive factor per stage 0-3, e.g. 20,20,20,60"
@@ -115,6 +121,40 @@ class DemoConfig:
                 f"lm_width {self.lm_width}, lm_layers {self.lm_layers}: the width must be a positive multiple "
                 "of 8 (4 heads of an even size for the rotary embedding) and the layers at least 1"
             )
+
+
+DEMO_CONFIG_NAME = "demo_config.json"
+"""Written into the demo's `--out` when it starts: the settings its corpus, warm starts and stages are built with."""
+
+# Fields that only add or show results: a finished demo can be re-run with other values in the same --out.
+_RERUN_FREE = ("out", "compare_masks", "compare_captions", "compare_stages", "examples")
+
+
+def demo_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The plain-JSON fields of `cfg` that decide what an --out folder holds (all but _RERUN_FREE)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _RERUN_FREE}))
+
+
+def check_same_settings(cfg: DemoConfig) -> None:
+    """Raise ConfigError, before any work, when `cfg.out` holds a demo built with other settings.
+
+    Re-running the same command continues an interrupted demo (finished stages are skipped); a run with other
+    settings (steps, sizes, any --tweak, the warm starts included) needs its own folder."""
+    from vlmtrain.config.load import ConfigError, config_changes
+
+    path = cfg.out / DEMO_CONFIG_NAME
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not JSON ({err}); delete {cfg.out} or pass another --out") from None
+    changes = config_changes(saved, demo_settings(cfg))
+    if changes:
+        raise ConfigError(
+            f"{cfg.out} holds a demo built with other settings ({'; '.join(changes)}); pass another --out, "
+            f"or delete {cfg.out} to rebuild it with these"
+        )
 
 
 def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
@@ -238,6 +278,7 @@ class Demo:
             image_size=VISION["image_size"],
             seed=c.seed,
             train_turns=c.train_turns,
+            conversations=c.conversations,
             overwrite=True,
         )
         shards = self.out / "shards"
@@ -261,12 +302,14 @@ class Demo:
 
     def make_components(self, corpus) -> Path:
         from vlmtrain.data.tokenizer import build_tokenizer
+        from vlmtrain.demo.corpus import is_first_conversation
         from vlmtrain.demo.warmstart import pretrain_language, pretrain_vision
 
         c = self.cfg
         init = self.out / "init"
+        # The warm starts read one conversation per image whatever `conversations` is: it changes stage 3 only.
         records = {
-            path: json.loads(path.read_text())
+            path: [r for r in json.loads(path.read_text()) if is_first_conversation(r["id"])]
             for path in (corpus.recap_train, corpus.short_train, corpus.instruct_train)
         }
         turns = [rec["conversations"] for recs in records.values() for rec in recs]
@@ -529,8 +572,12 @@ class Demo:
         from vlmtrain.dist import init_distributed
 
         c = self.cfg
+        from vlmtrain.durable import write_text_durably
+
         t0 = time.perf_counter()
+        check_same_settings(c)
         self.out.mkdir(parents=True, exist_ok=True)
+        write_text_durably(self.out / DEMO_CONFIG_NAME, json.dumps(demo_settings(c), indent=2))
         corpus, shards = self._timed("1/5 synthetic corpus and shards", self.make_data)
         init = self._timed("2/5 tokenizer and warm-started tiny SigLIP / Qwen2", self.make_components, corpus)
         ctx = init_distributed()
