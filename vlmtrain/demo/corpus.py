@@ -67,6 +67,10 @@ class CorpusPaths:
     """JSON: generation parameters and counts."""
 
 
+_Conversation = tuple[tuple[str, str] | None, tuple[text.QA, ...]]
+"""(optional caption opening as (prompt, answer), questions) of one instruction conversation."""
+
+
 @dataclass(frozen=True)
 class _Sample:
     """Everything written about one image."""
@@ -79,8 +83,13 @@ class _Sample:
     questions: tuple[text.QA, ...]
     opening: tuple[str, str] | None
     """An optional (prompt, answer) caption request that opens the instruction conversation."""
-    more: tuple[tuple[tuple[str, str] | None, tuple[text.QA, ...]], ...] = ()
+    more: tuple[_Conversation, ...] = ()
     """Further (opening, questions) conversations about the same image (train only, `conversations` > 1)."""
+
+    @property
+    def conversations(self) -> tuple[_Conversation, ...]:
+        """All (opening, questions) conversations about the image, the first one first."""
+        return ((self.opening, self.questions), *self.more)
 
     @property
     def id(self) -> str:
@@ -125,6 +134,12 @@ def draw_scenes(split: str, n: int, seed: int) -> tuple[list[Scene], int]:
     return scenes, rejected
 
 
+def check_conversations(n: int) -> None:
+    """Raise unless `n` is a usable number of conversations per training image."""
+    if n < 1:
+        raise ValueError(f"conversations {n}: need at least one conversation per training image")
+
+
 def check_train_turns(turns: tuple[int, int]) -> None:
     """Raise unless `turns` bounds a training conversation: a caption opening takes one of at least 2 turns, and
     an image has at most text.MAX_QUESTIONS question forms."""
@@ -164,8 +179,7 @@ def write_corpus(
             f"image_size {image_size} is below {MIN_IMAGE_SIZE}; shapes would merge at that size"
         )
     check_train_turns(train_turns)
-    if conversations < 1:
-        raise ValueError(f"conversations {conversations}: need at least one conversation per training image")
+    check_conversations(conversations)
     paths = corpus_paths(Path(out))
     _prepare_output(paths, overwrite)
 
@@ -230,7 +244,7 @@ def _conversation(
     recap: str,
     turns: tuple[int, int],
     rng: np.random.Generator,
-) -> tuple[tuple[str, str] | None, tuple[text.QA, ...]]:
+) -> _Conversation:
     """One conversation about the scene: an optional caption opening, then questions of different forms."""
     n_turns = int(rng.integers(turns[0], turns[1] + 1))
     opening: tuple[str, str] | None = None
@@ -290,13 +304,11 @@ def _instruct_records(train: list[_Sample], seed: int) -> list[dict[str, object]
     at the same share) in an order of their own, so the first part does not depend on how many there are."""
     rng = np.random.default_rng([seed, _STREAM_TEXT_ONLY])
     parts: list[list[dict[str, object]]] = []
-    for k in range(1 + max((len(s.more) for s in train), default=0)):
+    for k in range(len(train[0].conversations) if train else 1):  # every training sample has as many
         suffix = "" if k == 0 else f"{MORE_SUFFIX}{k}"
         records: list[dict[str, object]] = []
         for s in train:
-            if k > len(s.more):
-                continue
-            opening, questions = (s.opening, s.questions) if k == 0 else s.more[k - 1]
+            opening, questions = s.conversations[k]
             pairs = [opening] if opening is not None else []
             pairs += [(qa.question, qa.answer) for qa in questions]
             records.append(
@@ -355,7 +367,7 @@ def _answer_counts(train: list[_Sample]) -> dict[str, object]:
     by_answer_type: dict[str, Counter[str]] = {}
     by_question_type: dict[str, Counter[str]] = {}
     for s in train:
-        for qa in (qa for qs in (s.questions, *(q for _, q in s.more)) for qa in qs):
+        for qa in (qa for _, questions in s.conversations for qa in questions):
             by_answer_type.setdefault(qa.answer_type, Counter())[qa.answer] += 1
             by_question_type.setdefault(qa.question_type, Counter())[qa.answer] += 1
     return {

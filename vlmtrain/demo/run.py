@@ -100,7 +100,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the CLI builds a DemoConfig for its --help defaults and should not pay numpy and PIL.
-        from vlmtrain.demo.corpus import check_train_turns
+        from vlmtrain.demo.corpus import check_conversations, check_train_turns
         from vlmtrain.demo.scenes import GRID
 
         side, rem = divmod(VISION["image_size"], self.patch_size)
@@ -110,8 +110,7 @@ class DemoConfig:
                 f"and every grid cell into whole patches; use 8 or 16"
             )
         check_train_turns(self.train_turns)
-        if self.conversations < 1:
-            raise ValueError(f"conversations {self.conversations}: need at least 1 per training image")
+        check_conversations(self.conversations)
         if len(self.lr_scale) != 4 or min(self.lr_scale) <= 0:
             raise ValueError(
                 f"lr_scale {self.lr_scale}: give one positive factor per stage 0-3, e.g. 20,20,20,60"
@@ -570,10 +569,9 @@ class Demo:
         import shutil
 
         from vlmtrain.dist import init_distributed
-
-        c = self.cfg
         from vlmtrain.durable import write_text_durably
 
+        c = self.cfg
         t0 = time.perf_counter()
         check_same_settings(c)
         self.out.mkdir(parents=True, exist_ok=True)
