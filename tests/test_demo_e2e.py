@@ -13,19 +13,25 @@ import pytest
 from vlmtrain.eval.caption_metrics import evaluate_with_coco_files
 
 # Shortened from the default (2000 images, steps 60,60,300,800): 278 s against 712 s for the default on 2
-# AVX2-only cores (docs/demo.md); the fixture below runs it twice.
-ARGS = ["--n-train", "800", "--n-test", "80", "--steps", "30,30,150,200", "--warmstart-steps", "200,150"]
+# AVX2-only cores (docs/demo.md); the fixture below runs it twice. Its LM warm start reads no recaps: at this
+# budget the recap-reading LM of the default is not aligned yet (CIDEr +0.06, VQA +0.27, color +0.16 and
+# shape -0.03 over the baselines on a 2-core AVX512 EPYC), and the margins below need a model that grounds.
+ARGS = [
+    *("--n-train", "800", "--n-test", "80", "--steps", "30,30,150,200", "--warmstart-steps", "200,150"),
+    *("--tweak", "lm_reads_recap=none"),
+]
 STEPS = [30, 30, 150, 200]
 # Margins over the baselines that only a model using the image clears. Measured on a 2-core AVX2-only EPYC
-# (the run is deterministic there; other CPUs round differently): CIDEr 128.4 vs 68.3 for the best constant
-# caption, VQA 63.7% vs 23.2% for the majority answer per answer type. The margins are about half the gaps.
+# and a 2-core AVX512 one (the run is deterministic on each; they round differently): CIDEr 128.4 / 120.6 vs
+# 68.3 for the best constant caption, VQA 63.7% / 61.2% vs 23.2% for the majority answer per answer type. The
+# margins are about half the smaller gap.
 VQA_MARGIN = 0.20  # accuracy points over always answering the most frequent training answer per type
-CIDER_MARGIN = 0.30  # CIDEr over the best single caption predicted for every test image
-# Per question type, over the majority training answer of that type, measured there (80 test images):
-# color +0.71, size +0.44, count +0.40, shape +0.21, position +0.125, background 0.0 (it answers "white", the
-# majority, on 7 questions). The shortened run does not ground exists (+0.02) or verify (-0.19) (issue 14),
-# so those are not asserted.
-TYPE_MARGIN = {"color": 0.35, "size": 0.20, "count": 0.20, "shape": 0.10, "position": 0.05, "background": 0.0}
+CIDER_MARGIN = 0.25  # CIDEr over the best single caption predicted for every test image
+# Per question type, over the majority training answer of that type, measured there (80 test images): color
+# +0.71 / +0.65, size +0.44 / +0.36, count +0.40 / +0.36, shape +0.21 / +0.14, position +0.125 / +0.21. The
+# shortened run does not ground background (0.0 / -0.07 on 14 questions), exists (+0.02 / +0.10) or verify
+# (-0.19 / -0.27) (issue 14), so those are not asserted.
+TYPE_MARGIN = {"color": 0.30, "size": 0.18, "count": 0.18, "shape": 0.07, "position": 0.06}
 QUESTION_TYPES = {"background", "color", "count", "exists", "position", "shape", "size", "verify"}
 
 
@@ -247,3 +253,60 @@ def test_tweaks_parse_by_field_type():
     assert (cfg.lm_width, cfg.lm_layers) == (192, 4)
     with pytest.raises(ValueError, match="lm_width 100"):
         apply_tweaks(DemoConfig(), ["lm_width=100"])
+
+
+def test_lm_warmstart_texts_put_the_recap_where_the_image_goes(tokenizer):
+    """Records of the kinds named read their image's recap in front of the chat; text-only records and the
+    other kinds are the chat alone, rendered by the tokenizer's own template."""
+    from vlmtrain.demo.run import lm_warmstart_texts
+
+    def rec(image, *turns):
+        out = {
+            "conversations": [
+                {"from": f, "value": v}
+                for f, v in zip(("human", "gpt") * (len(turns) // 2), turns, strict=True)
+            ]
+        }
+        return {**out, "image": image} if image else out
+
+    records = {
+        "recaps": [
+            rec("a.png", "<image>\nDescribe.", "A red circle."),
+            rec("b.png", "<image>\nDescribe.", "Two."),
+        ],
+        "captions": [rec("b.png", "<image>\nCaption.", "Shapes.")],
+        "conversations": [
+            rec("a.png", "<image>\nIs it red?", "yes", "Where?", "top"),
+            rec(None, "Red?", "a color"),
+        ],
+    }
+
+    def chat(r):
+        turns = [
+            {
+                "role": "user" if t["from"] == "human" else "assistant",
+                "content": t["value"].replace("<image>\n", ""),
+            }
+            for t in r["conversations"]
+        ]
+        return tokenizer.apply_chat_template(turns, tokenize=False)
+
+    plain = [chat(r) for recs in records.values() for r in recs]
+    assert lm_warmstart_texts(records, tokenizer, "none") == plain
+    assert "<image>" not in "".join(plain) and "Is it red?" in plain[3]
+    assert lm_warmstart_texts(records, tokenizer, "conversations") == [
+        *plain[:3],
+        "A red circle.\n" + plain[3],
+        plain[4],
+    ]
+    assert lm_warmstart_texts(records, tokenizer, "recaps,captions,conversations") == [
+        "A red circle.\n" + plain[0],
+        "Two.\n" + plain[1],
+        "Two.\n" + plain[2],
+        "A red circle.\n" + plain[3],
+        plain[4],
+    ]
+    from vlmtrain.demo.run import DemoConfig
+
+    with pytest.raises(ValueError, match="comma-separated subset of recaps, captions, conversations"):
+        DemoConfig(lm_reads_recap="recaps,images")
