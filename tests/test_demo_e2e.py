@@ -13,13 +13,8 @@ import pytest
 from vlmtrain.eval.caption_metrics import evaluate_with_coco_files
 
 # Shortened from the default (2000 images, steps 60,60,300,800): 278 s against 712 s for the default on 2
-# AVX2-only cores (docs/demo.md); the fixture below runs it twice. Its LM warm start reads no recaps: at this
-# budget the recap-reading LM of the default is not aligned yet (CIDEr +0.06, VQA +0.27, color +0.16 and
-# shape -0.03 over the baselines on a 2-core AVX512 EPYC), and the margins below need a model that grounds.
-ARGS = [
-    *("--n-train", "800", "--n-test", "80", "--steps", "30,30,150,200", "--warmstart-steps", "200,150"),
-    *("--tweak", "lm_reads_recap=none"),
-]
+# AVX2-only cores (docs/demo.md); the fixture below runs it twice.
+ARGS = ["--n-train", "800", "--n-test", "80", "--steps", "30,30,150,200", "--warmstart-steps", "200,150"]
 STEPS = [30, 30, 150, 200]
 # Margins over the baselines that only a model using the image clears. Measured on a 2-core AVX2-only EPYC
 # and a 2-core AVX512 one (the run is deterministic on each; they round differently): CIDEr 128.4 / 120.6 vs
