@@ -124,8 +124,7 @@ class DemoConfig:
             raise ValueError(
                 f"lr_scale {self.lr_scale}: give one positive factor per stage 0-3, e.g. 20,20,20,60"
             )
-        kinds = self.lm_reads_recap.split(",")
-        if self.lm_reads_recap != "none" and not set(kinds) <= set(LM_READS_RECAP):
+        if self.lm_reads_recap != "none" and not set(self.lm_reads_recap.split(",")) <= set(LM_READS_RECAP):
             raise ValueError(
                 f"lm_reads_recap {self.lm_reads_recap!r}: use none or a comma-separated subset of "
                 f"{', '.join(LM_READS_RECAP)}"
@@ -207,14 +206,13 @@ def lm_warmstart_texts(records: dict[str, list[dict]], tokenizer, reads_recap: s
     "recaps" ones give each image's recap) in the chat template, without the image placeholder. A record of a
     kind named in `reads_recap` that has an image follows that image's recap, where the stages put the image
     features; `none` names no kind."""
+    from vlmtrain.data.prompt import messages_from_turns
+
     chats = [
         tokenizer.apply_chat_template(
             [
-                {
-                    "role": "user" if t["from"] == "human" else "assistant",
-                    "content": t["value"].replace("<image>\n", ""),
-                }
-                for t in rec["conversations"]
+                {**m, "content": m["content"].replace("<image>\n", "")}
+                for m in messages_from_turns(rec["conversations"])
             ],
             tokenize=False,
         )
