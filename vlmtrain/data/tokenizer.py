@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -23,24 +23,46 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, chats: Iterable[Sequence[Mapping[str, str]]] = ()
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` with Qwen's special tokens and a ChatML template.
+
+    ``chats`` (conversations as chat messages) are rendered with that template and trained on as rendered,
+    so the role names and the words that open a turn ("user", "assistant", an answer such as "yes") become
+    tokens of their own, as they are in Qwen's tokenizer. Trained on the bare texts only, a small BPE never
+    sees them where the template puts them (after a newline, with no leading space) and spells them out
+    letter by letter: 89 instead of 59 tokens for the demo's average conversation.
 
     Byte-level BPE decodes exactly to the input text (no spacing artefacts), like Qwen's own tokenizer,
     so captions round-trip unchanged through generation and evaluation.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 260 entries")
+    chats = list(chats)
+    # The template renders without any vocabulary: an untrained tokenizer renders the chats for training.
+    rendered = (
+        [_wrap(Tokenizer(models.BPE())).apply_chat_template(list(c), tokenize=False) for c in chats]
+        if chats
+        else []
+    )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([*texts, *rendered], trainer=trainer)
+    return _wrap(tok)
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tok`` as a transformers tokenizer with Qwen's special tokens and the ChatML template."""
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
