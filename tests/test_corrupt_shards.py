@@ -371,6 +371,10 @@ def test_a_raising_worker_ends_every_rank_within_60_s(tmp_path: Path, data: Trai
         for log in logs:
             log.close()
     text = [(tmp_path / f"rank{r}.log").read_text(errors="replace") for r in range(2)]
+    if seen is None and "injected failure" in text[0]:
+        # Logged after the last poll: every rank had ended within one polling interval of it (a race of the
+        # loop, not of the job, which made this test flaky).
+        seen = ended
     assert seen is not None, f"the injected failure never happened\n{text[0][-4000:]}"
     assert None not in codes, (
         f"a rank still ran 60 s after the failure: {codes}\n{text[0][-3000:]}\n{text[1][-3000:]}"
