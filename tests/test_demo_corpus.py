@@ -700,3 +700,79 @@ def test_scene_files_describe_the_pixels(corpus: CorpusPaths) -> None:
             background, shapes = pixels_of(corpus, row["image"])
             described = Counter(Seen(o["kind"], o["color"], o["size"], o["position"]) for o in row["objects"])
             assert row["background"] == background and described == Counter(shapes)
+
+
+def _brute_ngram_f1(a: str, b: str, n: int) -> float:
+    """N-gram overlap F1 by listing n-grams and matching each at most once (no Counter arithmetic)."""
+    wa, wb = (re.findall(r"[a-z0-9]+", s.lower()) for s in (a, b))
+    ga = [tuple(wa[i : i + n]) for i in range(len(wa) - n + 1)]
+    gb = [tuple(wb[i : i + n]) for i in range(len(wb) - n + 1)]
+    if not ga or not gb:
+        return 0.0
+    left = list(gb)
+    matched = 0
+    for g in ga:
+        if g in left:
+            left.remove(g)
+            matched += 1
+    return 2 * matched / (len(ga) + len(gb))
+
+
+def test_consensus_caption_is_the_reference_closest_to_the_others(corpus: CorpusPaths) -> None:
+    from vlmtrain.demo.text import caption_similarity, consensus_caption
+
+    for image in load(corpus.karpathy)["images"][:30]:
+        refs = [s["raw"] for s in image["sentences"]]
+        sims = [[np.mean([_brute_ngram_f1(a, b, n) for n in range(1, 5)]) for b in refs] for a in refs]
+        for i in range(5):
+            for j in range(5):
+                assert caption_similarity(refs[i], refs[j]) == pytest.approx(sims[i][j], abs=1e-12)
+        totals = [sum(sims[k][j] for j in range(5) if j != k) for k in range(5)]
+        assert consensus_caption(refs) == refs[int(np.argmax(totals))]
+    assert caption_similarity("A small red circle.", "a small red circle") == 1.0
+    assert caption_similarity("A red circle.", "a red circle") == 0.75  # no 4-gram
+    assert caption_similarity("A red circle.", "Two blue squares.") == 0.0
+    # Two of three references list the shapes: one of those two is the consensus, not the count caption.
+    refs = (
+        "Two shapes on a white background.",
+        "A red circle and a blue square.",
+        "There is a red circle and a blue square.",
+    )
+    assert consensus_caption(refs) in refs[1:]
+    with pytest.raises(ValueError, match="at least one reference"):
+        consensus_caption(())
+
+
+def test_caption_turn_changes_only_the_caption_openings(tmp_path: Path) -> None:
+    from vlmtrain.demo.text import consensus_caption
+
+    rand = write_corpus(tmp_path / "random", 60, 10, seed=2, conversations=2)
+    cons = write_corpus(tmp_path / "consensus", 60, 10, seed=2, conversations=2, caption_turn="consensus")
+    refs = {
+        f"train/{img['filename']}": [s["raw"] for s in img["sentences"]]
+        for img in load(cons.karpathy)["images"]
+        if img["split"] == "train"
+    }
+    openings = 0
+    for a, b in zip(load(rand.instruct_train), load(cons.instruct_train), strict=True):
+        assert a["id"] == b["id"]
+        first_a, first_b = a["conversations"][:2], b["conversations"][:2]
+        if "image" in a and first_a[0]["value"] == "<image>\nWrite a short caption for the image.":
+            openings += 1
+            assert first_a[1]["value"] in refs[a["image"]]
+            assert first_b[1]["value"] == consensus_caption(refs[a["image"]])
+            assert a["conversations"][2:] == b["conversations"][2:]
+        else:
+            assert a == b
+    assert openings >= 5, openings
+    same = (
+        "vqa_test.jsonl",
+        "vqa_train.jsonl",
+        "karpathy_shapes.json",
+        "recap_train.json",
+        "short_train.json",
+    )
+    for name in same:
+        assert (rand.root / name).read_bytes() == (cons.root / name).read_bytes(), name
+    with pytest.raises(ValueError, match="caption_turn 'best'"):
+        write_corpus(tmp_path / "bad", 10, 2, caption_turn="best")

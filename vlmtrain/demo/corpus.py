@@ -140,6 +140,16 @@ def check_conversations(n: int) -> None:
         raise ValueError(f"conversations {n}: need at least one conversation per training image")
 
 
+CAPTION_TURNS: tuple[str, ...] = ("random", "consensus")
+"""How a training conversation's short-caption opening picks its answer among the image's references."""
+
+
+def check_caption_turn(caption_turn: str) -> None:
+    """Raise unless `caption_turn` is one of CAPTION_TURNS."""
+    if caption_turn not in CAPTION_TURNS:
+        raise ValueError(f"caption_turn {caption_turn!r}: use one of {', '.join(CAPTION_TURNS)}")
+
+
 def check_train_turns(turns: tuple[int, int]) -> None:
     """Raise unless `turns` bounds a training conversation: a caption opening takes one of at least 2 turns, and
     an image has at most text.MAX_QUESTIONS question forms."""
@@ -158,6 +168,7 @@ def write_corpus(
     *,
     train_turns: tuple[int, int] = (MIN_TURNS, MAX_TURNS),
     conversations: int = 1,
+    caption_turn: str = "random",
     overwrite: bool = False,
 ) -> CorpusPaths:
     """Generate the demo corpus under `out`; the same arguments always give byte-identical files.
@@ -166,6 +177,9 @@ def write_corpus(
     MIN_TURNS..MAX_TURNS questions, so the VQA test set does not depend on it. Each training image gets
     `conversations` independently drawn conversations in the instruction set (the first one is the same for
     any value), so that stage 3 can see new questions about an image instead of repeating one conversation.
+    `caption_turn` (CAPTION_TURNS) picks the short caption a conversation's caption opening answers with:
+    `random`, one of the image's references, or `consensus`, the one most like the others
+    (text.consensus_caption).
 
     Refuses to write over an earlier corpus in `out` unless `overwrite`, which then deletes only the
     files and the image folder this function writes.
@@ -180,6 +194,7 @@ def write_corpus(
         )
     check_train_turns(train_turns)
     check_conversations(conversations)
+    check_caption_turn(caption_turn)
     paths = corpus_paths(Path(out))
     _prepare_output(paths, overwrite)
 
@@ -189,7 +204,9 @@ def write_corpus(
         scenes, rejected[split] = draw_scenes(split, n, seed)
         turns = train_turns if split == "train" else (MIN_TURNS, MAX_TURNS)
         more = conversations - 1 if split == "train" else 0
-        samples[split] = [_describe(split, i, scene, seed, turns, more) for i, scene in enumerate(scenes)]
+        samples[split] = [
+            _describe(split, i, scene, seed, turns, more, caption_turn) for i, scene in enumerate(scenes)
+        ]
         _write_images(paths.images / split, samples[split], image_size)
 
     instruct = _instruct_records(samples["train"], seed)
@@ -217,12 +234,18 @@ def write_corpus(
 
 
 def _describe(
-    split: str, index: int, scene: Scene, seed: int, turns: tuple[int, int], more: int = 0
+    split: str,
+    index: int,
+    scene: Scene,
+    seed: int,
+    turns: tuple[int, int],
+    more: int = 0,
+    caption_turn: str = "random",
 ) -> _Sample:
     rng = np.random.default_rng([seed, _STREAM_TEXT[split], index])
     captions = text.captions(scene, rng, CAPTIONS_PER_IMAGE)
     recap = text.recap(scene, rng)
-    opening, questions = _conversation(split, scene, captions, recap, turns, rng)
+    opening, questions = _conversation(split, scene, captions, recap, turns, rng, caption_turn)
     extra = tuple(
         _conversation(
             split,
@@ -231,6 +254,7 @@ def _describe(
             recap,
             turns,
             np.random.default_rng([seed, _STREAM_TEXT[split], index, 2 + k]),
+            caption_turn,
         )
         for k in range(more)
     )
@@ -244,14 +268,20 @@ def _conversation(
     recap: str,
     turns: tuple[int, int],
     rng: np.random.Generator,
+    caption_turn: str,
 ) -> _Conversation:
-    """One conversation about the scene: an optional caption opening, then questions of different forms."""
+    """One conversation about the scene: an optional caption opening (its short caption chosen by
+    `caption_turn`), then questions of different forms."""
     n_turns = int(rng.integers(turns[0], turns[1] + 1))
     opening: tuple[str, str] | None = None
     # Test images get no caption opening: their questions become the single-turn VQA set.
     if split == "train" and rng.random() < CAPTION_TURN_SHARE:
         if rng.random() < 0.5:
-            opening = (CAPTION_PROMPT, captions[int(rng.integers(len(captions)))])
+            drawn = captions[int(rng.integers(len(captions)))]  # drawn either way: the same later draws
+            opening = (
+                CAPTION_PROMPT,
+                text.consensus_caption(captions) if caption_turn == "consensus" else drawn,
+            )
         else:
             opening = (text.RECAP_PROMPT, recap)
         n_turns -= 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,6 +236,37 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> tuple[str, .
     if len(set(result)) != n:
         raise AssertionError(f"caption templates produced duplicates for scene {scene.key()}: {result}")
     return result
+
+
+def _ngrams(caption: str, n: int) -> Counter[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9]+", caption.lower())
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def caption_similarity(a: str, b: str) -> float:
+    """Mean over n = 1..4 of the n-gram overlap F1 of two captions (lower-cased words; an order either lacks
+    counts 0): 1 for equal captions of four words or more, 0 for captions without a word in common."""
+    total = 0.0
+    for n in range(1, 5):
+        ga, gb = _ngrams(a, n), _ngrams(b, n)
+        if ga and gb:
+            total += 2 * sum((ga & gb).values()) / (sum(ga.values()) + sum(gb.values()))
+    return total / 4
+
+
+def consensus_caption(references: Sequence[str]) -> str:
+    """The reference most like the others (highest summed caption_similarity to them; the first on a tie).
+
+    Training on each image's consensus reference instead of a random one is consensus-based caption selection
+    (Devlin et al., 2015): the model learns the description most references agree on rather than a mixture of
+    styles, the way CIDEr scores a caption against all of them."""
+    if not references:
+        raise ValueError("consensus_caption needs at least one reference")
+    scores = [
+        sum(caption_similarity(r, o) for j, o in enumerate(references) if j != k)
+        for k, r in enumerate(references)
+    ]
+    return references[max(range(len(references)), key=scores.__getitem__)]
 
 
 # ---------------------------------------------------------------------------------------------------
