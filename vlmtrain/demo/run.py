@@ -36,8 +36,16 @@ VISION = {
 }
 
 
-def language_config(vocab_size: int, width: int = 128, layers: int = 3) -> dict[str, Any]:
+def language_config(
+    vocab_size: int, width: int = 128, layers: int = 3, init_std: float = 0.08
+) -> dict[str, Any]:
+    """The tiny Qwen2's config. `init_std` replaces Qwen2's initializer_range of 0.02, a scale meant for its
+    real widths (896 and up): at width 128 the initial attention logits are 16x smaller than at 0.08 (they
+    grow with the square of the scale), so attention starts nearly uniform and learning to look something
+    up in the context (which shape is red? is there a circle?) stalls; the demo at 0.02 answers yes/no
+    questions at chance (docs/demo.md)."""
     return {
+        "initializer_range": init_std,
         "model_type": "qwen2",
         "vocab_size": vocab_size,
         "hidden_size": width,
@@ -57,8 +65,8 @@ LM_READS_RECAP = ("recaps", "captions", "conversations")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and lengths of the demo; the defaults take about 8 minutes on 2 AVX512 CPU cores, and stage steps
-    take about 1.7x as long on AVX2-only ones (docs/demo.md)."""
+    """Sizes and lengths of the demo; the defaults take about 7 minutes on 2 AVX512 CPU cores (427 s measured),
+    and stage steps took about 1.7x as long on an AVX2-only one (docs/demo.md)."""
 
     out: Path = Path("demo_out")
     n_train: int = 2000
@@ -72,7 +80,7 @@ class DemoConfig:
     """Also train stages 0-2 on short human-style captions instead of recaps (the paper's finding 2)."""
     compare_stages: bool = False
     """Also train without stages 0-1, stage 2 from the warm start with their steps (the paper's finding 3)."""
-    stage_steps: tuple[int, int, int, int] = (60, 60, 300, 800)
+    stage_steps: tuple[int, int, int, int] = (60, 60, 300, 1200)
     lm_warmstart_steps: int = 300
     vision_warmstart_steps: int = 300
     global_batch: int = 32
@@ -92,13 +100,26 @@ class DemoConfig:
     train_turns: tuple[int, int] = (2, 4)
     """Questions per training image's conversation, min,max (stage 3's data; the test questions do not change)."""
     conversations: int = 13
-    """Independently drawn conversations per training image in stage 3's data. 13 is about how often stage 3's
-    800 x 32 samples draw each of 2,000 images, so each conversation is seen about once: fresh questions
-    instead of memorised answers (1: the same conversation every epoch; docs/demo.md)."""
+    """Independently drawn conversations per training image in stage 3's data. 13 is about how often 800 x 32
+    stage-3 samples draw each of 2,000 images (the stage-3 length it was chosen at; 1,200 steps see each
+    conversation about 1.4 times): fresh questions instead of memorised answers (1: the same conversation
+    every epoch; docs/demo.md)."""
     lm_width: int = 128
     """Hidden size of the tiny Qwen2 (4 query / 2 key-value heads, MLP 2x): a multiple of 8."""
     lm_layers: int = 3
     """Decoder layers of the tiny Qwen2."""
+    tokenizer_chats: bool = True
+    """Train the BPE tokenizer on the warm-start chats as the template renders them (False: on the bare texts
+    of their turns, where "user", "assistant" and a line-initial answer never occur, so they are spelled out
+    letter by letter: a conversation takes 1.5x the tokens)."""
+    tight_rows: bool = True
+    """The stages' max_length (and stage 3's packed row width) is the longest sample rounded up to 32 (192
+    tokens at the default); False: 512. A CPU computes a packed row's attention densely."""
+    caption_turn: str = "consensus"
+    """The short caption a stage-3 caption opening answers with: `consensus` (the image's reference most like
+    its other four) or `random` (any of the five; docs/demo.md)."""
+    lm_init_std: float = 0.08
+    """Standard deviation of the tiny Qwen2's initial weights (Qwen2's initializer_range), about width**-0.5."""
     lm_reads_recap: str = "none"
     """The LM warm-start texts about an image that follow its recap, where the stages put the image: `none`, or
     a comma-separated subset of recaps, captions, conversations. Reading the recap teaches the LM to answer
@@ -109,7 +130,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the CLI builds a DemoConfig for its --help defaults and should not pay numpy and PIL.
-        from vlmtrain.demo.corpus import check_conversations, check_train_turns
+        from vlmtrain.demo.corpus import check_caption_turn, check_conversations, check_train_turns
         from vlmtrain.demo.scenes import GRID
 
         side, rem = divmod(VISION["image_size"], self.patch_size)
@@ -120,6 +141,9 @@ class DemoConfig:
             )
         check_train_turns(self.train_turns)
         check_conversations(self.conversations)
+        check_caption_turn(self.caption_turn)
+        if self.lm_init_std <= 0:
+            raise ValueError(f"lm_init_std {self.lm_init_std}: give a positive standard deviation, e.g. 0.08")
         if len(self.lr_scale) != 4 or min(self.lr_scale) <= 0:
             raise ValueError(
                 f"lr_scale {self.lr_scale}: give one positive factor per stage 0-3, e.g. 20,20,20,60"
@@ -201,30 +225,49 @@ def apply_tweaks(cfg: DemoConfig, tweaks: list[str]) -> DemoConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def lm_warmstart_texts(records: dict[str, list[dict]], tokenizer, reads_recap: str) -> list[str]:
-    """The LM warm start's texts: each record of `records` (LLaVA-format records by kind of LM_READS_RECAP; the
-    "recaps" ones give each image's recap) in the chat template, without the image placeholder. A record of a
-    kind named in `reads_recap` that has an image follows that image's recap, where the stages put the image
-    features; `none` names no kind."""
+def warmstart_chats(records: dict[str, list[dict]]) -> list[list[dict[str, str]]]:
+    """Each record of `records` (LLaVA-format records by kind of LM_READS_RECAP) as chat messages without the
+    image placeholder: what the tokenizer is trained on and the LM warm start reads."""
     from vlmtrain.data.prompt import messages_from_turns
 
-    chats = [
-        tokenizer.apply_chat_template(
-            [
-                {**m, "content": m["content"].replace("<image>\n", "")}
-                for m in messages_from_turns(rec["conversations"])
-            ],
-            tokenize=False,
-        )
+    return [
+        [
+            {**m, "content": m["content"].replace("<image>\n", "")}
+            for m in messages_from_turns(rec["conversations"])
+        ]
         for recs in records.values()
         for rec in recs
     ]
+
+
+def lm_warmstart_texts(records: dict[str, list[dict]], tokenizer, reads_recap: str) -> list[str]:
+    """The LM warm start's texts: each record of `records` (the "recaps" ones give each image's recap) in the
+    chat template, without the image placeholder. A record of a kind named in `reads_recap` that has an image
+    follows that image's recap, where the stages put the image features; `none` names no kind."""
+    chats = [tokenizer.apply_chat_template(m, tokenize=False) for m in warmstart_chats(records)]
     if reads_recap == "none":
         return chats
     recap = {rec["image"]: rec["conversations"][1]["value"] for rec in records["recaps"]}
     read = reads_recap.split(",")
     images = [rec.get("image") if kind in read else None for kind, recs in records.items() for rec in recs]
     return [f"{recap[i]}\n{chat}" if i else chat for i, chat in zip(images, chats, strict=True)]
+
+
+WIDE_ROWS = 512
+"""The stages' max_length before tight_rows (DemoConfig.tight_rows=False)."""
+
+ROW_MULTIPLE = 32
+"""The demo's max_length is its longest sample rounded up to this."""
+
+
+def sample_length_bound(chats: list[list[dict[str, str]]], tokenizer, image_tokens: int) -> int:
+    """The stages' max_length: the longest of `chats` in tokens plus the image tokens, rounded up to
+    ROW_MULTIPLE, so no sample is shortened and the packed rows of stage 3's token budget stay as narrow as
+    the longest sample. On a CPU the attention of a packed row is dense (its cost grows with the row width
+    squared), so narrow rows make a stage-3 step faster (docs/demo.md, `tight_rows`)."""
+    texts = tokenizer.apply_chat_template(chats, tokenize=False)
+    longest = max(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    return -(-(image_tokens + longest) // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def _mean(values: list[float]) -> float:
@@ -250,9 +293,10 @@ class Variant:
 
 
 def _stage_configs(
-    cfg: DemoConfig, variant: Variant, init: Path, shards: Path, dest: Path
+    cfg: DemoConfig, variant: Variant, init: Path, shards: Path, dest: Path, max_length: int
 ) -> list[StageConfig]:
-    """The shipped presets with the demo's model, data, batch, steps and LR scale written in."""
+    """The shipped presets with the demo's model, data (`max_length`: sample_length_bound), batch, steps and LR
+    scale written in."""
     out = []
     dest.mkdir(parents=True, exist_ok=True)
     for stage in variant.stages(cfg):
@@ -266,7 +310,9 @@ def _stage_configs(
         for group in data["modules"].values():
             group["lr"] *= cfg.lr_scale[stage]
         source = "instruct" if stage == 3 else variant.captions
-        data["data"].update(train=str(shards / source / "manifest.json"), max_length=512, num_workers=1)
+        data["data"].update(
+            train=str(shards / source / "manifest.json"), max_length=max_length, num_workers=1
+        )
         data["batch"] = {"global_batch_size": cfg.global_batch, "micro_batch_size": cfg.micro_batch}
         steps = cfg.stage_steps[stage]
         if stage == 2 and not variant.align:  # the same total steps: stage 2 gets those of stages 0-1
@@ -296,6 +342,7 @@ class Demo:
         self.out = cfg.out
         self.timings: dict[str, float] = {}
         self.variants: list[Variant] = []
+        self.max_length = 0
 
     def _timed(self, name: str, fn, *args, **kwargs):
         self.console.rule(f"[bold cyan]{name}")
@@ -318,6 +365,7 @@ class Demo:
             seed=c.seed,
             train_turns=c.train_turns,
             conversations=c.conversations,
+            caption_turn=c.caption_turn,
             overwrite=True,
         )
         shards = self.out / "shards"
@@ -346,25 +394,35 @@ class Demo:
 
         c = self.cfg
         init = self.out / "init"
-        # The warm starts read one conversation per image whatever `conversations` is: it changes stage 3 only.
-        records = {
-            kind: [r for r in json.loads(path.read_text()) if is_first_conversation(r["id"])]
+        everything = {
+            kind: json.loads(path.read_text())
             for kind, path in zip(
                 LM_READS_RECAP, (corpus.recap_train, corpus.short_train, corpus.instruct_train), strict=True
             )
         }
-        turns = [rec["conversations"] for recs in records.values() for rec in recs]
-        texts = [" ".join(t["value"].replace("<image>", "").strip() for t in conv) for conv in turns]
-        tokenizer = build_tokenizer(texts, vocab_size=c.vocab_size)
+        # The warm starts read one conversation per image whatever `conversations` is: it changes stage 3 only.
+        records = {
+            kind: [r for r in recs if is_first_conversation(r["id"])] for kind, recs in everything.items()
+        }
+        # Trained on the texts as the model reads them, template included, as Qwen's tokenizer covers them.
+        chats = warmstart_chats(records)
+        tokenizer = (
+            build_tokenizer((), vocab_size=c.vocab_size, chats=chats)
+            if c.tokenizer_chats
+            else build_tokenizer([" ".join(m["content"] for m in chat) for chat in chats], c.vocab_size)
+        )
         tokenizer.save_pretrained(str(init / "tokenizer"))
-        chats = lm_warmstart_texts(records, tokenizer, c.lm_reads_recap)
+        side = VISION["image_size"] // c.patch_size
+        bound = sample_length_bound(warmstart_chats(everything), tokenizer, side * side)
+        self.max_length = bound if c.tight_rows else max(bound, WIDE_ROWS)
+        texts = lm_warmstart_texts(records, tokenizer, c.lm_reads_recap)
         lm = self._warm(
             "language model",
             c.lm_warmstart_steps,
             lambda cb: pretrain_language(
-                chats,
+                texts,
                 tokenizer,
-                language_config(len(tokenizer), c.lm_width, c.lm_layers),
+                language_config(len(tokenizer), c.lm_width, c.lm_layers, c.lm_init_std),
                 c.lm_warmstart_steps,
                 seed=c.seed,
                 on_step=cb,
@@ -414,7 +472,7 @@ class Demo:
         from vlmtrain.train.run import run_stages
 
         root = self.out / "variants" / variant.name
-        stages = _stage_configs(self.cfg, variant, init, shards, root / "configs")
+        stages = _stage_configs(self.cfg, variant, init, shards, root / "configs", self.max_length)
         run_stages(stages, root / "runs", ctx, resume=True)
         return root
 
