@@ -39,30 +39,30 @@ def build_tokenizer(
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 260 entries")
-    chats = list(chats)
-    # The template renders without any vocabulary: an untrained tokenizer renders the chats for training.
-    rendered = (
-        [_wrap(Tokenizer(models.BPE())).apply_chat_template(list(c), tokenize=False) for c in chats]
-        if chats
-        else []
-    )
-    tok = Tokenizer(models.BPE())
+    chats = [list(c) for c in chats]
+    # The template renders without any vocabulary: one untrained tokenizer renders every chat for training.
+    rendered = _wrap(_byte_level_bpe()).apply_chat_template(chats, tokenize=False) if chats else []
+    tok = _byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([*texts, *rendered], trainer=trainer)
     return _wrap(tok)
 
 
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    """``tok`` as a transformers tokenizer with Qwen's special tokens and the ChatML template."""
+def _byte_level_bpe() -> Tokenizer:
+    """An empty BPE model with Qwen's byte-level pre-tokenizer and decoder."""
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tok`` as a transformers tokenizer with Qwen's special tokens and the ChatML template."""
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,

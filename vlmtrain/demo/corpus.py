@@ -245,7 +245,9 @@ def _describe(
     rng = np.random.default_rng([seed, _STREAM_TEXT[split], index])
     captions = text.captions(scene, rng, CAPTIONS_PER_IMAGE)
     recap = text.recap(scene, rng)
-    opening, questions = _conversation(split, scene, captions, recap, turns, rng, caption_turn)
+    # Once per image: every conversation about it that opens with a short caption answers with this one.
+    consensus = text.consensus_caption(captions) if caption_turn == "consensus" and split == "train" else None
+    opening, questions = _conversation(split, scene, captions, recap, turns, rng, consensus)
     extra = tuple(
         _conversation(
             split,
@@ -254,7 +256,7 @@ def _describe(
             recap,
             turns,
             np.random.default_rng([seed, _STREAM_TEXT[split], index, 2 + k]),
-            caption_turn,
+            consensus,
         )
         for k in range(more)
     )
@@ -268,20 +270,17 @@ def _conversation(
     recap: str,
     turns: tuple[int, int],
     rng: np.random.Generator,
-    caption_turn: str,
+    consensus: str | None,
 ) -> _Conversation:
-    """One conversation about the scene: an optional caption opening (its short caption chosen by
-    `caption_turn`), then questions of different forms."""
+    """One conversation about the scene: an optional caption opening (answered with `consensus` if given, else
+    with one of `captions` at random), then questions of different forms."""
     n_turns = int(rng.integers(turns[0], turns[1] + 1))
     opening: tuple[str, str] | None = None
     # Test images get no caption opening: their questions become the single-turn VQA set.
     if split == "train" and rng.random() < CAPTION_TURN_SHARE:
         if rng.random() < 0.5:
             drawn = captions[int(rng.integers(len(captions)))]  # drawn either way: the same later draws
-            opening = (
-                CAPTION_PROMPT,
-                text.consensus_caption(captions) if caption_turn == "consensus" else drawn,
-            )
+            opening = (CAPTION_PROMPT, consensus or drawn)
         else:
             opening = (text.RECAP_PROMPT, recap)
         n_turns -= 1

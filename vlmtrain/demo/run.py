@@ -342,7 +342,6 @@ class Demo:
         self.out = cfg.out
         self.timings: dict[str, float] = {}
         self.variants: list[Variant] = []
-        self.max_length = 0
 
     def _timed(self, name: str, fn, *args, **kwargs):
         self.console.rule(f"[bold cyan]{name}")
@@ -387,7 +386,8 @@ class Demo:
             )
         return corpus, shards
 
-    def make_components(self, corpus) -> Path:
+    def make_components(self, corpus) -> tuple[Path, int]:
+        """The tokenizer and warm-started towers under DIR/init, and the stages' max_length."""
         from vlmtrain.data.tokenizer import build_tokenizer
         from vlmtrain.demo.corpus import is_first_conversation
         from vlmtrain.demo.warmstart import pretrain_language, pretrain_vision
@@ -414,7 +414,6 @@ class Demo:
         tokenizer.save_pretrained(str(init / "tokenizer"))
         side = VISION["image_size"] // c.patch_size
         bound = sample_length_bound(warmstart_chats(everything), tokenizer, side * side)
-        self.max_length = bound if c.tight_rows else max(bound, WIDE_ROWS)
         texts = lm_warmstart_texts(records, tokenizer, c.lm_reads_recap)
         lm = self._warm(
             "language model",
@@ -454,7 +453,7 @@ class Demo:
             ),
         )
         tower.save_pretrained(str(init / "vision"))
-        return init
+        return init, (bound if c.tight_rows else max(bound, WIDE_ROWS))
 
     def _warm(self, what: str, steps: int, fn):
         from rich.progress import Progress
@@ -468,11 +467,11 @@ class Demo:
             return fn(cb)
 
     # ---- training and evaluation ------------------------------------------------------------------------
-    def train_variant(self, variant: Variant, init: Path, shards: Path, ctx) -> Path:
+    def train_variant(self, variant: Variant, init: Path, max_length: int, shards: Path, ctx) -> Path:
         from vlmtrain.train.run import run_stages
 
         root = self.out / "variants" / variant.name
-        stages = _stage_configs(self.cfg, variant, init, shards, root / "configs", self.max_length)
+        stages = _stage_configs(self.cfg, variant, init, shards, root / "configs", max_length)
         run_stages(stages, root / "runs", ctx, resume=True)
         return root
 
@@ -664,7 +663,9 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_durably(self.out / DEMO_CONFIG_NAME, json.dumps(demo_settings(c), indent=2))
         corpus, shards = self._timed("1/5 synthetic corpus and shards", self.make_data)
-        init = self._timed("2/5 tokenizer and warm-started tiny SigLIP / Qwen2", self.make_components, corpus)
+        init, max_length = self._timed(
+            "2/5 tokenizer and warm-started tiny SigLIP / Qwen2", self.make_components, corpus
+        )
         ctx = init_distributed()
         variants = [Variant(c.mask, c.mask, "recap")]
         comparisons = []
@@ -707,7 +708,9 @@ class Demo:
         self.variants = variants
         results = {}
         for v in variants:
-            root = self._timed(f"3/5 stages 0-3 ({v.name})", self.train_variant, v, init, shards, ctx)
+            root = self._timed(
+                f"3/5 stages 0-3 ({v.name})", self.train_variant, v, init, max_length, shards, ctx
+            )
             results[v.name] = self._timed(
                 f"4/5 evaluation ({v.name})", self.evaluate, root, shards, root / "eval"
             )

@@ -238,20 +238,24 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> tuple[str, .
     return result
 
 
-def _ngrams(caption: str, n: int) -> Counter[tuple[str, ...]]:
+def _ngrams(caption: str) -> list[Counter[tuple[str, ...]]]:
+    """The caption's 1- to 4-grams of lower-cased words, one Counter per order."""
     words = re.findall(r"[a-z0-9]+", caption.lower())
-    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return [Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)) for n in range(1, 5)]
+
+
+def _similarity(a: list[Counter[tuple[str, ...]]], b: list[Counter[tuple[str, ...]]]) -> float:
+    total = 0.0
+    for ga, gb in zip(a, b, strict=True):
+        if ga and gb:
+            total += 2 * sum((ga & gb).values()) / (sum(ga.values()) + sum(gb.values()))
+    return total / 4
 
 
 def caption_similarity(a: str, b: str) -> float:
     """Mean over n = 1..4 of the n-gram overlap F1 of two captions (lower-cased words; an order either lacks
     counts 0): 1 for equal captions of four words or more, 0 for captions without a word in common."""
-    total = 0.0
-    for n in range(1, 5):
-        ga, gb = _ngrams(a, n), _ngrams(b, n)
-        if ga and gb:
-            total += 2 * sum((ga & gb).values()) / (sum(ga.values()) + sum(gb.values()))
-    return total / 4
+    return _similarity(_ngrams(a), _ngrams(b))
 
 
 def consensus_caption(references: Sequence[str]) -> str:
@@ -262,10 +266,8 @@ def consensus_caption(references: Sequence[str]) -> str:
     styles, the way CIDEr scores a caption against all of them."""
     if not references:
         raise ValueError("consensus_caption needs at least one reference")
-    scores = [
-        sum(caption_similarity(r, o) for j, o in enumerate(references) if j != k)
-        for k, r in enumerate(references)
-    ]
+    grams = [_ngrams(r) for r in references]
+    scores = [sum(_similarity(g, o) for j, o in enumerate(grams) if j != k) for k, g in enumerate(grams)]
     return references[max(range(len(references)), key=scores.__getitem__)]
 
 
