@@ -204,7 +204,8 @@ def dump_loaded_state(stage: StageConfig, run_dir: Path, ctx: DistContext, out: 
 def train_recorded(stage: StageConfig, run_dir: Path, ctx: DistContext, resume: bool, keys: Path) -> None:
     """`run_stage`, with each rank's loader recording the samples it hands to the trainer."""
     from vlmtrain.models.freeze import apply_trainability
-    from vlmtrain.train.run import load_model_and_tokenizer, make_loader_factory, total_steps_for
+    from vlmtrain.train.run import load_model_and_tokenizer, make_loader_factory
+    from vlmtrain.train.steps import total_steps_for
     from vlmtrain.train.trainer import Trainer
 
     model, tokenizer = load_model_and_tokenizer(stage, run_dir)

@@ -36,7 +36,7 @@ from train_fixtures import (
 )
 
 from vlmtrain.data import shard as shard_module
-from vlmtrain.data import stream as stream_module
+from vlmtrain.data import sources as sources_module
 from vlmtrain.data.process import ImageTransform, ProcessorConfig, SampleProcessor
 from vlmtrain.data.shard import shard
 from vlmtrain.data.stream import (
@@ -227,13 +227,13 @@ def test_mid_epoch_resume_from_remote_shards_continues_the_disk_run(
 
 def test_unreachable_manifest_url_is_a_clear_error_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(stream_module, "time", SimpleNamespace(sleep=sleeps.append))
-    monkeypatch.setattr(stream_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
+    monkeypatch.setattr(sources_module, "time", SimpleNamespace(sleep=sleeps.append))
+    monkeypatch.setattr(sources_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
     url = f"http://127.0.0.1:{closed_port()}/shards/manifest.json"
     with pytest.raises(RemoteReadError) as caught:
         load_source(url)
     message = str(caught.value)
-    assert message.startswith(f"{url}: could not be read after {stream_module.REMOTE_ATTEMPTS} attempts")
+    assert message.startswith(f"{url}: could not be read after {sources_module.REMOTE_ATTEMPTS} attempts")
     assert "curl exited with status 7: nothing accepts connections there" in message
     assert f"curl -fsSL '{url}' -o /dev/null" in message  # the fix
     assert isinstance(caught.value, FileNotFoundError)  # reported like a missing local manifest
@@ -241,8 +241,8 @@ def test_unreachable_manifest_url_is_a_clear_error_at_load(monkeypatch: pytest.M
 
 
 def test_missing_manifest_is_tried_each_attempt_and_named(site, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stream_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
-    monkeypatch.setattr(stream_module, "REMOTE_ATTEMPTS", 4)
+    monkeypatch.setattr(sources_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
+    monkeypatch.setattr(sources_module, "REMOTE_ATTEMPTS", 4)
     url = f"{site.url}/nowhere/manifest.json"
     with pytest.raises(
         RemoteReadError, match=r"after 4 attempts .*status 22: the server answered with an HTTP"
@@ -264,7 +264,7 @@ def keys_on_disk(corpus: Path, names: list[str]) -> list[str]:
 def test_missing_remote_shard_is_a_corrupt_shard_and_the_others_are_read(
     site, corpus: Path, proc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stream_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
+    monkeypatch.setattr(sources_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
     source = f"{site.url}/missing/manifest.json"
     got, loader = run(source, proc, n=None, resample=False)  # 2 DataLoader workers: neither dies
     others = [f"shard-{i:06d}.tar" for i in range(SHARDS) if i != 2]
@@ -274,7 +274,7 @@ def test_missing_remote_shard_is_a_corrupt_shard_and_the_others_are_read(
     assert list(why) == ["shard-000002.tar"]
     url = f"{site.url}/missing/shard-000002.tar"
     assert url in why["shard-000002.tar"] and "after 3 attempts" in why["shard-000002.tar"]
-    assert site.requests["/missing/shard-000002.tar"] == stream_module.REMOTE_ATTEMPTS
+    assert site.requests["/missing/shard-000002.tar"] == sources_module.REMOTE_ATTEMPTS
     with pytest.raises(TooManyCorruptShards, match=r"data\.max_corrupt_shards=0: shard-000002\.tar: http://"):
         run(source, proc, n=None, resample=False, max_corrupt_shards=0)
 
@@ -282,7 +282,7 @@ def test_missing_remote_shard_is_a_corrupt_shard_and_the_others_are_read(
 def test_shard_behind_a_closed_port_is_counted_and_the_others_are_read(
     site, corpus: Path, proc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stream_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
+    monkeypatch.setattr(sources_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
     dead = f"http://127.0.0.1:{closed_port()}/shard-000003.tar"
     urls = [f"{site.url}/good/shard-{i:06d}.tar" for i in range(SHARDS) if i != 3] + [dead]
     got, loader = run("{" + ",".join(urls) + "}", proc, n=None, resample=False)
@@ -296,11 +296,11 @@ def test_shard_behind_a_closed_port_is_counted_and_the_others_are_read(
 def test_remote_sha256_mismatch_is_fetched_again_then_named(
     site, corpus: Path, proc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stream_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
+    monkeypatch.setattr(sources_module, "REMOTE_RETRY_DELAY_S", TINY_DELAY)
     before = Counter(site.requests)
     got, loader = run(f"{site.url}/badsha/manifest.json", proc, n=None, resample=False)
     fetched = Counter(site.requests) - before
-    assert fetched["/badsha/shard-000001.tar"] == stream_module.REMOTE_ATTEMPTS  # a bad transfer is retried
+    assert fetched["/badsha/shard-000001.tar"] == sources_module.REMOTE_ATTEMPTS  # a bad transfer is retried
     assert fetched["/badsha/shard-000000.tar"] == 1
     assert list(loader.corrupt_shards()) == ["shard-000001.tar"]
     assert "sha256 differs" in loader.corrupt_shards()["shard-000001.tar"]

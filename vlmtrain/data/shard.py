@@ -49,6 +49,7 @@ from vlmtrain.data.images import (
 )
 from vlmtrain.data.order import permutation
 from vlmtrain.data.prompt import CAPTION_PROMPT as DEFAULT_CAPTION_PROMPT
+from vlmtrain.data.sources import SHARD_NAME_RULE, check_shard_name
 
 # Version of the shard sample and manifest layout described in docs/data_format.md.
 FORMAT_VERSION = 1
@@ -627,8 +628,7 @@ def _manifest_problems(manifest: Any) -> list[str]:
         if not (
             isinstance(entry, dict)
             and isinstance(entry.get("name"), str)
-            and entry["name"]
-            and "/" not in entry["name"]
+            and check_shard_name(entry["name"]) is None
             and isinstance(entry.get("samples"), int)
             and entry["samples"] >= 0
             and isinstance(entry.get("bytes"), int)
@@ -636,7 +636,8 @@ def _manifest_problems(manifest: Any) -> list[str]:
             and _SHA256_RE.match(entry["sha256"])
         ):
             problems.append(
-                f"shards[{i}] must have name (a file name), samples >= 0, bytes and a sha256 hex digest"
+                f"shards[{i}] must have name (a plain shard file name: {SHARD_NAME_RULE}), samples >= 0, bytes "
+                "and a sha256 hex digest"
             )
         elif entry["name"] in names:
             problems.append(f"shards[{i}] repeats the name {entry['name']!r}")

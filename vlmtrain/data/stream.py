@@ -1,23 +1,18 @@
-"""Streaming reader: deterministic, resumable, distributed iteration over tar shards as collated batches.
+"""The loader: a rank's DataLoader workers stream their slots' samples as collated, resumable batches.
 
-Design (docs/data_pipeline.md has the long form):
-- A rank's DataLoader workers are *slots*; slot id = rank * workers_per_rank + role. There are
-  world_size * workers_per_rank slots.
-- Epoch e orders ALL shards by a permutation seeded by (seed, e) and deals them to slots round-robin.
+This module is the data pipeline's front (docs/data_pipeline.md has the long form); its parts live beside it:
+``vlmtrain.data.sources`` (where shards are, shard-name checks, remote reads), ``vlmtrain.data.shard_reader``
+(one tar into samples, damage), ``vlmtrain.data.slots`` (epoch order, slot split, re-deal, resume state).
+
 - A slot keeps up to ``open_shards`` of its shards open (the first K unfinished ones of its list) and
   interleaves them: each sample comes from an open shard drawn with probability proportional to its
-  remaining samples, by a PRNG seeded with (seed, e, slot, samples the slot drew so far in e). A shard's
-  samples are visited in a permutation seeded by (seed, e, shard name).
+  remaining samples, by a PRNG seeded with (seed, e, slot, samples the slot drew so far in e).
 - The state counts, per epoch and shard, how many samples of that permuted order reached the trainer.
   A slot skips that many (before decoding) on start; the open set and every draw are pure functions of
   those counts, so a resumed run continues exactly where the saved one stopped, and a different world
   size still reads every remaining sample once.
-- A source (manifest or brace pattern) may name local files, URLs or ``pipe:`` commands: remote ones are
-  read through webdataset's gopen, whole into memory once per visit, with retries; only how a shard's
-  bytes are obtained differs, so the orders and the resume state are the same as from disk.
-- A damaged shard (unreadable or unreachable, truncated, sha256 or sample count not as in the manifest)
-  yields the samples it still holds; the lost ones are consumed as ``corrupt_shard`` skips when it is
-  opened, and the shard is named in the state. Beyond ``max_corrupt_shards`` the loader raises.
+- A damaged shard yields the samples it still holds; the lost ones are consumed as ``corrupt_shard`` skips
+  when it is opened, and the shard is named in the state. Beyond ``max_corrupt_shards`` the loader raises.
 - The DataLoader hands out batches round-robin over workers starting at worker 0; the state records
   which role comes next and resumed workers take rotated roles, so the same topology replays the
   uninterrupted order exactly.
@@ -31,41 +26,49 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
-import io
-import json
 import logging
-import re
 import signal
-import subprocess
 import sys
-import tarfile
-import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
-from urllib.request import url2pathname
 
-import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen, gopen_schemes
 
 from vlmtrain.data.collate import Batch, budget_collate, pack_collate, pad_collate
-from vlmtrain.data.order import draw, permutation, splitmix64  # noqa: F401  (splitmix64: re-exported)
-from vlmtrain.data.process import SAMPLE_EXTENSIONS, ProcessedSample, RawSample, SampleProcessor, Skip
+from vlmtrain.data.order import draw, permutation, splitmix64  # noqa: F401  (re-exported)
+from vlmtrain.data.process import ProcessedSample, RawSample, SampleProcessor, Skip
+from vlmtrain.data.shard_reader import ShardSamples, read_shard, split_member_name  # noqa: F401  (re-exported)
+from vlmtrain.data.slots import (  # noqa: F401  (re-exported: merge_states, merge_data_faults, balanced_slots)
+    COUNTER_KINDS,
+    DEFAULT_OPEN_SHARDS,
+    STATE_VERSION,
+    balanced_slots,
+    check_state,
+    epoch_slots_json,
+    merge_data_faults,
+    merge_states,
+    redeal,
+    sample_order,
+    shard_order,
+    slot_shards,
+)
+from vlmtrain.data.sources import (  # noqa: F401  (re-exported: the names callers used before the split)
+    PIPE,
+    RemoteReadError,
+    ShardInfo,
+    ShardNameError,
+    fetch,
+    is_remote,
+    load_source,
+)
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-# Counter families carried in batches and in the state; all add up exactly once per consumed sample.
-COUNTER_KINDS = ("skipped", "truncated", "ignored_members")
 CORRUPT = "corrupt_shard"  # the skip reason of samples lost with a damaged shard
-DEFAULT_OPEN_SHARDS = 4
-_BLOCK = 512  # tar block size
 
 
 class ShardError(RuntimeError):
@@ -74,405 +77,6 @@ class ShardError(RuntimeError):
 
 class TooManyCorruptShards(ShardError):
     """More damaged shards than ``max_corrupt_shards`` allows."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard: its state name, where it is, and its sample count when a manifest gives it."""
-
-    name: str
-    path: Path | str
-    """A local file (Path), or a URL / ``pipe:`` command (str) read through webdataset's gopen."""
-    samples: int | None
-    sha256: str | None = None
-    """Hex digest from the manifest; a shard whose bytes hash differently is counted as corrupt."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sources: local paths, URLs and pipe: commands (docs/data_format.md, "Training from a bucket or HTTP")
-# ---------------------------------------------------------------------------------------------------------
-
-# A remote read (URL or pipe: command) is tried this many times per shard visit, waiting REMOTE_RETRY_DELAY_S
-# before the second attempt and twice as long before each later one. These wrap the tool's own retries
-# (webdataset runs curl with --retry 30 for http(s)); module constants so tests can make the waits tiny.
-REMOTE_ATTEMPTS = 3
-REMOTE_RETRY_DELAY_S = 1.0
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-PIPE = "pipe:"
-# What curl's exit statuses mean (webdataset opens http(s) with curl -f -s -L).
-_CURL_EXITS = {
-    6: "the host name does not resolve",
-    7: "nothing accepts connections there (wrong host or port, server down, firewall)",
-    18: "the transfer ended early",
-    22: "the server answered with an HTTP error (wrong URL, missing object or no access)",
-    28: "it timed out",
-    35: "the TLS handshake failed",
-    60: "the server's TLS certificate is not trusted",
-}
-
-
-class RemoteReadError(FileNotFoundError):
-    """A URL or pipe: command gave no bytes after every attempt.
-
-    A FileNotFoundError, so callers that report a missing local manifest report an unreachable one alike.
-    """
-
-    def __init__(self, location: str, reason: str) -> None:
-        super().__init__(f"{location}: {reason}")
-        self.location, self.reason = location, reason
-
-
-def is_remote(source: str | Path) -> bool:
-    """Whether ``source`` is read through webdataset's gopen (a URL or ``pipe:`` command, not ``file://``)."""
-    text = str(source)
-    return text.startswith(PIPE) or (_URL.match(text) is not None and not text.startswith("file:"))
-
-
-def load_source(source: str | Path) -> list[ShardInfo]:
-    """Shards of a ``manifest.json`` (names relative to it) or of a brace pattern / single path.
-
-    Either may be a local path, a ``file://``, ``http(s)://`` (or another scheme webdataset's gopen handles)
-    URL, or a ``pipe:`` command writing the file to stdout. A remote manifest is fetched now (a clear
-    RemoteReadError naming it when it cannot be); remote shards are only read when a worker opens them.
-    """
-    text = str(source)
-    shards = _load_manifest(text) if _names_manifest(text) else _expand_pattern(text)
-    if not shards:
-        raise ValueError(f"{text}: names no shards")
-    _check_unique_names(shards, text)
-    missing = [str(s.path) for s in shards if isinstance(s.path, Path) and not s.path.is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{text}: {len(missing)} of {len(shards)} shard files are missing: {shown}")
-    return shards
-
-
-def _location(text: str) -> Path | str:
-    """A local Path, or the URL / pipe: command itself once gopen is known to handle it."""
-    if text.startswith("file:"):
-        return Path(url2pathname(urlsplit(text).path))
-    if not is_remote(text):
-        return Path(text)
-    if not text.startswith(PIPE):
-        scheme = text.split(":", 1)[0].lower()
-        if scheme not in gopen_schemes:
-            raise ValueError(
-                f"{text}: webdataset's gopen has no handler for {scheme}:// URLs; stream the object through its "
-                f"command line tool instead, e.g. 'pipe:aws s3 cp {text} -' (see docs/data_format.md)"
-            )
-    return text
-
-
-def _pipe_words(command: str) -> list[str]:
-    return [w.strip("'\"") for w in command[len(PIPE) :].split()]
-
-
-def _names_manifest(text: str) -> bool:
-    """A manifest, not a shard pattern: the path, URL path or a word of the pipe: command ends in .json."""
-    if text.startswith(PIPE):
-        return any(w.endswith(".json") for w in _pipe_words(text))
-    return (urlsplit(text).path if is_remote(text) else text).endswith(".json")
-
-
-def _shard_name(location: Path | str) -> str:
-    """The state name of a pattern's shard: its file name (a URL's last path segment; for a pipe: command,
-    that of its last word naming a .tar), so the same shards get the same names, orders and resume state
-    whether read from disk, over HTTP or through a command."""
-    if isinstance(location, Path):
-        return location.name
-    if location.startswith(PIPE):
-        tars = [w for w in _pipe_words(location) if ".tar" in w]
-        return tars[-1].rsplit("/", 1)[-1] if tars else location
-    return urlsplit(location).path.rsplit("/", 1)[-1] or location
-
-
-def _beside(manifest: Path | str, name: str) -> Path | str:
-    """Where shard ``name`` of a manifest is: next to it (same folder, URL folder, or the pipe: command with
-    the manifest's file name replaced by the shard's; a URL's query string, e.g. a SAS token, is kept)."""
-    if isinstance(manifest, Path):
-        return manifest.parent / name
-    if manifest.startswith(PIPE):
-        word = [w for w in _pipe_words(manifest) if w.endswith(".json")][-1]
-        at = manifest.rindex(word)
-        return manifest[:at] + word[: word.rfind("/") + 1] + name + manifest[at + len(word) :]
-    parts = urlsplit(manifest)
-    folder = parts.path[: parts.path.rfind("/") + 1]
-    return urlunsplit(parts._replace(path=folder + quote(name), fragment=""))
-
-
-def _load_manifest(source: str) -> list[ShardInfo]:
-    location = _location(source)
-    if isinstance(location, Path):
-        if not location.is_file():
-            raise FileNotFoundError(
-                f"manifest {location} does not exist; write shards with `vlmtrain shard` first"
-            )
-        data = location.read_bytes()
-    else:
-        data = fetch(location)
-    try:
-        manifest = json.loads(data)
-        entries = manifest["shards"]
-        return [
-            ShardInfo(
-                str(e["name"]), _beside(location, str(e["name"])), int(e["samples"]), _sha256(e.get("sha256"))
-            )
-            for e in entries
-        ]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"manifest {source}: expected {{'shards': [{{'name': str, 'samples': int, ...}}]}} ({err!r})"
-        ) from err
-
-
-def _sha256(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) != 64:
-        raise ValueError(f"sha256 {value!r} is not a hex digest")
-    return value.lower()
-
-
-def _expand_pattern(pattern: str) -> list[ShardInfo]:
-    locations = [_location(p) for p in braceexpand.braceexpand(pattern)]
-    return [ShardInfo(_shard_name(loc), loc, None) for loc in locations]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Remote reads
-# ---------------------------------------------------------------------------------------------------------
-
-
-def fetch(location: str) -> bytes:
-    """The whole object at a URL, or a ``pipe:`` command's whole stdout, read with webdataset's gopen.
-
-    Raises RemoteReadError naming ``location``, why and the fix after REMOTE_ATTEMPTS failed attempts.
-    """
-    return _fetch(location, None)[0]
-
-
-def _fetch(location: str, sha256: str | None) -> tuple[bytes, bool]:
-    """The bytes, and whether they hash to ``sha256`` (True when None). A transfer that hashes differently
-    is fetched again like a failed one; after the last attempt its bytes are returned, flagged."""
-    errors: list[str] = []
-    data: bytes | None = None
-    for attempt in range(REMOTE_ATTEMPTS):
-        if attempt:
-            time.sleep(REMOTE_RETRY_DELAY_S * 2 ** (attempt - 1))
-        try:
-            data = _read_once(location)
-        # OSError: the tool failed or is missing; SubprocessError: a pipe's close timed out
-        except (OSError, ValueError, subprocess.SubprocessError) as err:
-            errors.append(_describe(location, err))
-            logger.warning(
-                "%s: attempt %d of %d failed: %s", location, attempt + 1, REMOTE_ATTEMPTS, errors[-1]
-            )
-            continue
-        if sha256 is None or hashlib.sha256(data).hexdigest() == sha256:
-            return data, True
-        logger.warning(
-            "%s: attempt %d of %d: its sha256 differs from the manifest's",
-            location,
-            attempt + 1,
-            REMOTE_ATTEMPTS,
-        )
-    if data is not None:
-        return data, False
-    raise RemoteReadError(
-        location,
-        f"could not be read after {REMOTE_ATTEMPTS} attempts (last: {errors[-1]}); {_fix(location)}",
-    )
-
-
-def _read_once(location: str) -> bytes:
-    stream = gopen(location, "rb")
-    try:
-        return stream.read()
-    finally:
-        stream.close()  # a pipe (pipe: command, or curl for http) raises here when it exited non-zero
-
-
-def _describe(location: str, err: Exception) -> str:
-    status = re.search(r"exit (\d+)", str(err))
-    if status is None:
-        return f"{type(err).__name__}: {err}"
-    code = int(status.group(1))
-    if location.startswith(PIPE):
-        return f"the command exited with status {code}"
-    meaning = _CURL_EXITS.get(code, "see `man curl`, EXIT CODES") if location.startswith("http") else None
-    reader = "curl" if location.startswith("http") else "the reader"
-    return f"{reader} exited with status {code}" + (f": {meaning}" if meaning else "")
-
-
-def _fix(location: str) -> str:
-    if location.startswith(PIPE):
-        return (
-            f"check that `{location[len(PIPE) :]} > /dev/null` works on this node (path, credentials, the tool "
-            "installed), then resume"
-        )
-    if location.startswith("http"):
-        return (
-            f"check that `curl -fsSL '{location}' -o /dev/null` works on this node (URL, access, network or "
-            "proxy), then resume"
-        )
-    return "check that webdataset's reader for this URL (webdataset.gopen) works on this node, then resume"
-
-
-def _check_unique_names(shards: Sequence[ShardInfo], source: str) -> None:
-    seen: dict[str, Path] = {}
-    for s in shards:
-        if s.name in seen:
-            raise ValueError(
-                f"{source}: two shards share the name {s.name!r} ({seen[s.name]}, {s.path}); resume state is "
-                "keyed by shard name, so rename one"
-            )
-        seen[s.name] = s.path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Deterministic orders (vlmtrain.data.order's PRNG, so they never change with a numpy or Python upgrade)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """Indices of all shards in epoch ``epoch``'s reading order."""
-    return permutation(num_shards, "shards", seed, epoch) if shuffle else list(range(num_shards))
-
-
-def slot_shards(
-    num_shards: int, num_slots: int, slot: int, seed: int, epoch: int, shuffle: bool
-) -> list[int]:
-    """Shard indices slot ``slot`` reads in epoch ``epoch``: round-robin over that epoch's order."""
-    return shard_order(num_shards, seed, epoch, shuffle)[slot::num_slots]
-
-
-def balanced_slots(order: Sequence[str], remaining: Mapping[str, int], num_slots: int) -> dict[str, int]:
-    """Slot of every shard of an interrupted epoch resumed on ``num_slots`` slots, balancing what is left.
-
-    After a world-size change the old slots have read different amounts of their shards (several are open
-    at once), so round-robin would leave some new slots more samples than others, and those would still be
-    in this epoch while the rest start the next one. Largest remainder first, each to the least loaded
-    slot (ties: the epoch order, then the lowest slot): the remainders differ by at most one shard's.
-    """
-    load = [0] * num_slots
-    out: dict[str, int] = {}
-    for name in sorted(order, key=lambda n: -remaining[n]):  # stable: ties keep the epoch order
-        slot = min(range(num_slots), key=lambda k: (load[k], k))
-        out[name] = slot
-        load[slot] += remaining[name]
-    return out
-
-
-def sample_order(num_samples: int, seed: int, epoch: int, shard: str, shuffle: bool) -> list[int]:
-    """Natural-order indices of a shard's samples in the order epoch ``epoch`` visits them."""
-    return permutation(num_samples, "samples", seed, epoch, shard) if shuffle else list(range(num_samples))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading shards
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardSamples:
-    """A shard's samples in natural order: undecoded member bytes, and the members that were ignored."""
-
-    keys: list[str]
-    members: list[dict[str, memoryview]]
-    ignored: list[list[str]]
-    """Per sample, the extensions of members that are not sample data (never decoded)."""
-    damage: str | None = None
-    """Why the shard is damaged (unreadable, truncated, sha256 mismatch); None when it read whole."""
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset's convention: key = path up to the first dot of the file name, ext = the rest."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :].lower()
-
-
-def read_shard(path: Path | str, sha256: str | None = None) -> ShardSamples:
-    """Read a whole uncompressed tar into memory and group its members by key (no decoding).
-
-    ``path``: a local file, or a URL / pipe: command (ShardInfo.path), fetched whole with retries.
-    Never raises for a damaged file: an unreadable (or, remote, unreachable) one gives no samples; a
-    truncated or garbled tar gives the samples whose members all lie before the first bad header or the cut
-    (the sample the cut may have split is left out too); ``damage`` says what was wrong, including a sha256
-    that is not ``sha256``.
-    """
-    try:
-        data, intact = _shard_bytes(path, sha256)
-    except RemoteReadError as err:
-        return ShardSamples([], [], [], damage=f"unreadable ({err.reason})")
-    except OSError as err:
-        return ShardSamples([], [], [], damage=f"unreadable ({err})")
-    problems = [] if intact else ["its sha256 differs from the manifest's"]
-    infos, cut, cut_key = _tar_members(data)
-    shard = _group_members(infos, memoryview(data))
-    if cut is not None:
-        problems.append(cut)
-        if shard.keys and cut_key in (None, shard.keys[-1]):
-            for column in (shard.keys, shard.members, shard.ignored):
-                column.pop()  # the sample the cut went through may lack members
-    return dataclasses.replace(shard, damage="; ".join(problems) or None)
-
-
-def _shard_bytes(path: Path | str, sha256: str | None) -> tuple[bytes, bool]:
-    """The shard's bytes and whether they hash to ``sha256``; a local file is read once, a remote one with
-    retries (a remote transfer that hashes differently is fetched again)."""
-    if isinstance(path, str):
-        return _fetch(path, sha256)
-    data = path.read_bytes()
-    return data, sha256 is None or hashlib.sha256(data).hexdigest() == sha256
-
-
-def _tar_members(data: bytes) -> tuple[list[tarfile.TarInfo], str | None, str | None]:
-    """The members before any damage, what the damage is, and the key of the member it cut (None: unknown)."""
-    infos: list[tarfile.TarInfo] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            while (info := tar.next()) is not None:
-                if info.offset_data + info.size > len(data):
-                    cut = f"truncated ({len(data)} bytes): member {info.name} runs past the end"
-                    return infos, cut, split_member_name(info.name)[0]
-                infos.append(info)
-    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
-        return infos, f"not a readable tar after {len(infos)} members ({err})", None
-    end = infos[-1].offset_data + -(-infos[-1].size // _BLOCK) * _BLOCK if infos else 0
-    if data[end : end + _BLOCK] != bytes(_BLOCK):
-        # tarfile stops quietly at a cut on a header boundary; a whole tar ends with zero blocks.
-        return infos, f"truncated ({len(data)} bytes): no end-of-archive block after the last member", None
-    return infos, None, None
-
-
-def _group_members(infos: Sequence[tarfile.TarInfo], view: memoryview) -> ShardSamples:
-    slot_of: dict[str, int] = {}
-    shard = ShardSamples([], [], [])
-    for info in infos:
-        if info.isdir():
-            continue
-        key, ext = split_member_name(info.name)
-        i = slot_of.setdefault(key, len(shard.keys))
-        if i == len(shard.keys):
-            shard.keys.append(key)
-            shard.members.append({})
-            shard.ignored.append([])
-        if not info.isfile():
-            shard.ignored[i].append("<link>")
-        elif ext not in SAMPLE_EXTENSIONS:
-            shard.ignored[i].append(ext or "<no extension>")
-        elif ext in shard.members[i]:
-            shard.ignored[i].append(f"duplicate {ext}")
-        else:
-            shard.members[i][ext] = view[info.offset_data : info.offset_data + info.size]
-    return shard
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1026,11 +630,11 @@ class StreamLoader:
             "batches_delivered": {str(self.rank): self._batches},
             "open_shards": self.open_shards,
             "corrupt_shards": self.corrupt_shards(),
-            "epoch_slots": _epoch_slots_json(self._epoch_slots, self.world_size * self.workers_per_rank),
+            "epoch_slots": epoch_slots_json(self._epoch_slots, self.world_size * self.workers_per_rank),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
-        _check_state(state)
+        check_state(state)
         if state["seed"] != self.seed or state["shuffle"] != self.shuffle:
             raise ValueError(
                 f"resume state was saved with seed={state['seed']} shuffle={state['shuffle']}, this loader has "
@@ -1072,123 +676,9 @@ class StreamLoader:
                 int(e): {k: int(v) for k, v in d["shards"].items()} for e, d in saved.items()
             }
         else:
-            self._epoch_slots = self._redeal(slots)
+            names = [s.name for s in self.shards]
+            self._epoch_slots = redeal(names, self._consumed, self._known, self.seed, self.shuffle, slots)
         self._corrupt = {str(k): str(v) for k, v in state.get("corrupt_shards", {}).items()}
-
-    def _redeal(self, slots: int) -> dict[int, dict[str, int]]:
-        """Balanced slots for every epoch the saved run had started (world size changed)."""
-        out: dict[int, dict[str, int]] = {}
-        for epoch, done in self._consumed.items():
-            if not any(done.values()):
-                continue
-            order = [
-                self.shards[i].name for i in shard_order(len(self.shards), self.seed, epoch, self.shuffle)
-            ]
-            # A shard never read has an unknown size until opened: count it as the largest known one.
-            typical = max(self._known.values(), default=1)
-            left = {n: max(0, self._known.get(n, typical) - done.get(n, 0)) for n in order}
-            out[epoch] = balanced_slots(order, left, slots)
-        return out
-
-
-def _epoch_slots_json(epoch_slots: dict[int, dict[str, int]], slots: int) -> dict[str, Any]:
-    return {
-        str(e): {"slots": slots, "shards": dict(sorted(d.items()))} for e, d in sorted(epoch_slots.items())
-    }
-
-
-def _check_state(state: dict[str, Any]) -> None:
-    required = (
-        "version", "seed", "shuffle", "world_size", "workers_per_rank", "ranks", "epoch_consumed",
-        "shard_samples", "counters", "base_counters", "next_role", "batches_delivered",
-    )  # fmt: skip
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise ValueError(f"resume state lacks {missing}; it was not written by StreamLoader.state_dict()")
-    if state["version"] != STATE_VERSION:
-        raise ValueError(f"resume state version {state['version']} is not {STATE_VERSION}")
-
-
-def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Combine every rank's ``state_dict()`` into one state that any world size can resume from.
-
-    Each shard is read by one slot at a time, so a shard's consumption is the largest any rank reports;
-    counters add each rank's growth over the common loaded base.
-    """
-    if not states:
-        raise ValueError("merge_states needs at least one state")
-    for s in states:
-        _check_state(s)
-    first = states[0]
-    for key in (
-        "version",
-        "seed",
-        "shuffle",
-        "world_size",
-        "workers_per_rank",
-        "base_counters",
-        "epoch_slots",
-    ):
-        values = {json.dumps(s.get(key), sort_keys=True) for s in states}
-        if len(values) > 1:
-            raise ValueError(
-                f"states disagree on {key!r} ({sorted(values)}); they come from different runs or resumes"
-            )
-    ranks = [r for s in states for r in s["ranks"]]
-    if len(ranks) != len(set(ranks)):
-        raise ValueError(f"states repeat ranks: {sorted(ranks)}")
-    consumed: dict[str, dict[str, int]] = {}
-    for s in states:
-        for epoch, per_shard in s["epoch_consumed"].items():
-            merged = consumed.setdefault(str(epoch), {})
-            for shard, n in per_shard.items():
-                merged[shard] = max(merged.get(shard, 0), int(n))
-    shard_samples: dict[str, int] = {}
-    for s in states:
-        for shard, n in s["shard_samples"].items():
-            if shard_samples.setdefault(shard, int(n)) != int(n):
-                raise ValueError(f"states disagree on the size of shard {shard}")
-    counters = {}
-    for kind in COUNTER_KINDS:
-        base = Counter(first["base_counters"].get(kind, {}))
-        total = Counter(base)
-        for s in states:
-            total.update(Counter(s["counters"].get(kind, {})) - base)
-        counters[kind] = dict(sorted(total.items()))
-    return {
-        "version": first["version"],
-        "seed": first["seed"],
-        "shuffle": first["shuffle"],
-        "world_size": first["world_size"],
-        "workers_per_rank": first["workers_per_rank"],
-        "ranks": sorted(ranks),
-        "epoch_consumed": {
-            e: dict(sorted(d.items())) for e, d in sorted(consumed.items(), key=lambda x: int(x[0]))
-        },
-        "shard_samples": dict(sorted(shard_samples.items())),
-        "counters": counters,
-        "base_counters": counters,
-        "next_role": {r: n for s in states for r, n in s["next_role"].items()},
-        "batches_delivered": {r: n for s in states for r, n in s["batches_delivered"].items()},
-        "open_shards": first.get("open_shards", DEFAULT_OPEN_SHARDS),
-        "corrupt_shards": dict(
-            sorted({k: v for s in states for k, v in s.get("corrupt_shards", {}).items()}.items())
-        ),
-        "epoch_slots": first.get("epoch_slots", {}),
-    }
-
-
-def merge_data_faults(faults: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The job's skips by reason and corrupt shard names from every rank's ``data_faults()``.
-
-    Skips add each rank's growth over the common loaded base (as merge_states does).
-    """
-    base = Counter(faults[0]["base"]) if faults else Counter()
-    total = Counter(base)
-    for f in faults:
-        total.update(Counter(f["skipped"]) - base)
-    corrupt = sorted({name for f in faults for name in f["corrupt_shards"]})
-    return {"data_skipped": dict(sorted(total.items())), "corrupt_shards": corrupt}
 
 
 def build_loader(source: str | Path, processor: SampleProcessor, **options: Any) -> StreamLoader:

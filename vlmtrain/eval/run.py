@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 from vlmtrain.config.load import STAGE_CONFIG_NAME
 from vlmtrain.data.process import IMAGE_EXTENSIONS, ImageTransform, decode_image
 from vlmtrain.data.prompt import CAPTION_PROMPT, question_messages
-from vlmtrain.data.stream import load_source, read_shard
+from vlmtrain.data.shard_reader import read_shard
+from vlmtrain.data.sources import load_source
 from vlmtrain.eval.generate import GenerationConfig, Generator
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
 

@@ -9,9 +9,11 @@ are not caught: they keep their traceback.
 What is checked, per stage unless said otherwise:
 - the batch splits over the world size; stage names are unique in the command;
 - `data.train` and `validation.data`: a local manifest or brace pattern names shards that exist (and, with
-  no `train.max_steps`, sample counts for at least one step); `http(s)://` URLs (a few per source: first,
-  middle and last shard) answer a HEAD request, or a one-byte range GET where HEAD is refused, within
-  URL_TIMEOUT_S; `pipe:` commands are not run (a note says so);
+  no `train.max_steps`, sample counts for at least one step); a manifest's shard names are plain file names
+  (vlmtrain.data.sources.check_shard_name; local and http(s) manifests here, a `pipe:` manifest's when it is
+  loaded, before any shard command runs); `http(s)://` URLs (a few per source: first, middle and last shard)
+  answer a HEAD request, or a one-byte range GET where HEAD is refused, within URL_TIMEOUT_S; `pipe:`
+  commands are not run (a note says so);
 - `init_from`: an earlier stage of this command, or a directory holding the model, config and tokenizer
   files, whose `model` block agrees with the stage's (vlmtrain.train.init_check);
 - with `--resume auto`, a stage whose output is complete (and would be skipped) was trained with the config
@@ -45,7 +47,9 @@ import braceexpand
 
 from vlmtrain.config.load import ConfigError
 from vlmtrain.config.schema import ModelConfig, StageConfig, ValidationError
+from vlmtrain.data.sources import load_source, names_manifest
 from vlmtrain.logging import wandb_missing_message
+from vlmtrain.train.steps import total_steps_for
 
 URL_TIMEOUT_S = 5.0
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -202,17 +206,36 @@ def check_data_source(where: str, source: str) -> tuple[list[Problem], list[str]
     if source.startswith(PIPE):
         return [], [], f"preflight: {where}: {source!r} is a command, not checked before it runs"
     if is_http(source):
-        return [], sample(list(braceexpand.braceexpand(source))), None
+        return (
+            check_http_manifest(where, source)
+            if names_manifest(source)
+            else ([], sample(list(braceexpand.braceexpand(source))), None)
+        )
     if not source:
         return [Problem(where, "is empty; set it to a manifest.json or a brace pattern of shards")], [], None
-    from vlmtrain.data.stream import load_source
-
     try:
         shards = load_source(source)
     except (FileNotFoundError, ValueError) as err:
         return [Problem(where, str(err), err)], [], None
     locations = [str(s.path) for s in shards]
     return [], sample([loc for loc in locations if is_http(loc)]), None
+
+
+def check_http_manifest(where: str, source: str) -> tuple[list[Problem], list[str], None]:
+    """A manifest URL: its shard names are checked (one GET of the manifest, within URL_TIMEOUT_S), and a few
+    of its shard URLs are asked. When the manifest does not answer, the URL check names it."""
+    from vlmtrain.data.sources import manifest_shards
+
+    try:
+        with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as answer:
+            data = answer.read()
+    except (urllib.error.URLError, TimeoutError, OSError):
+        return [], [source], None
+    try:
+        shards = manifest_shards(source, data)
+    except ValueError as err:
+        return [Problem(where, str(err), err)], [], None
+    return [], sample([str(s.path) for s in shards]), None
 
 
 def sample(urls: list[str]) -> list[str]:
@@ -226,8 +249,6 @@ def check_step_count(stage: StageConfig) -> list[Problem]:
     """Without train.max_steps the step count comes from the manifest's sample counts (local data only)."""
     if stage.train.max_steps is not None or is_http(stage.data.train) or stage.data.train.startswith(PIPE):
         return []
-    from vlmtrain.train.run import total_steps_for
-
     try:
         total_steps_for(stage)
     except ValueError as err:

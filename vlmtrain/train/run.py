@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from vlmtrain.models.masks import FLEX_BLOCK_SIZE
 from vlmtrain.models.vlm import VisionLanguageModel
 from vlmtrain.train.init_check import resolve_init, resolve_model
 from vlmtrain.train.preflight import require_preflight
+from vlmtrain.train.steps import total_steps_for
 from vlmtrain.train.trainer import FINAL, PREEMPTION, Fault, StageResult, Trainer, is_stage_complete
 from vlmtrain.train.validation import Validator
 
@@ -38,28 +38,6 @@ def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionL
     tokenizer = AutoTokenizer.from_pretrained(source)
     torch.manual_seed(stage.train.seed)
     return VisionLanguageModel.from_config(stage.model, tokenizer), tokenizer
-
-
-def total_steps_for(stage: StageConfig) -> int:
-    """Optimizer steps of the stage: `max_steps`, or epochs x samples / global batch."""
-    if stage.train.max_steps is not None:
-        return stage.train.max_steps
-    from vlmtrain.data.stream import load_source
-
-    shards = load_source(stage.data.train)
-    counts = [s.samples for s in shards]
-    if any(c is None for c in counts):
-        raise ValueError(
-            f"stage {stage.name}: {stage.data.train} has no manifest with sample counts; set train.max_steps"
-        )
-    n = sum(counts)  # type: ignore[arg-type]
-    steps = math.floor(stage.train.epochs * n / stage.batch.global_batch_size)
-    if steps < 1:
-        raise ValueError(
-            f"stage {stage.name}: {n} samples x {stage.train.epochs} epochs is less than one global batch of "
-            f"{stage.batch.global_batch_size}; lower batch.global_batch_size or add data"
-        )
-    return steps
 
 
 def make_loader_factory(

@@ -1,0 +1,182 @@
+"""The order and the slots: which slot reads which shard in an epoch, in which order, and the resume state.
+
+A rank's DataLoader workers are *slots* (slot id = rank * workers_per_rank + role). Epoch e orders all shards
+by a permutation seeded by (seed, e) and deals them to slots round-robin; an epoch interrupted and resumed on
+another world size is re-dealt so the slots' remaining samples balance. A shard's samples are visited in a
+permutation seeded by (seed, e, shard name). The resume state counts, per epoch and shard, the samples that
+reached the trainer; every rank's state merges into one that any world size resumes from. Pure functions of
+their arguments (vlmtrain.data.order's PRNG), so they never change with a numpy or Python upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vlmtrain.data.order import permutation
+
+STATE_VERSION = 1
+# Counter families carried in batches and in the state; all add up exactly once per consumed sample.
+COUNTER_KINDS = ("skipped", "truncated", "ignored_members")
+DEFAULT_OPEN_SHARDS = 4
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Indices of all shards in epoch ``epoch``'s reading order."""
+    return permutation(num_shards, "shards", seed, epoch) if shuffle else list(range(num_shards))
+
+
+def slot_shards(
+    num_shards: int, num_slots: int, slot: int, seed: int, epoch: int, shuffle: bool
+) -> list[int]:
+    """Shard indices slot ``slot`` reads in epoch ``epoch``: round-robin over that epoch's order."""
+    return shard_order(num_shards, seed, epoch, shuffle)[slot::num_slots]
+
+
+def balanced_slots(order: Sequence[str], remaining: Mapping[str, int], num_slots: int) -> dict[str, int]:
+    """Slot of every shard of an interrupted epoch resumed on ``num_slots`` slots, balancing what is left.
+
+    After a world-size change the old slots have read different amounts of their shards (several are open
+    at once), so round-robin would leave some new slots more samples than others, and those would still be
+    in this epoch while the rest start the next one. Largest remainder first, each to the least loaded
+    slot (ties: the epoch order, then the lowest slot): the remainders differ by at most one shard's.
+    """
+    load = [0] * num_slots
+    out: dict[str, int] = {}
+    for name in sorted(order, key=lambda n: -remaining[n]):  # stable: ties keep the epoch order
+        slot = min(range(num_slots), key=lambda k: (load[k], k))
+        out[name] = slot
+        load[slot] += remaining[name]
+    return out
+
+
+def sample_order(num_samples: int, seed: int, epoch: int, shard: str, shuffle: bool) -> list[int]:
+    """Natural-order indices of a shard's samples in the order epoch ``epoch`` visits them."""
+    return permutation(num_samples, "samples", seed, epoch, shard) if shuffle else list(range(num_samples))
+
+
+def redeal(
+    names: Sequence[str],
+    consumed: Mapping[int, Mapping[str, int]],
+    known: Mapping[str, int],
+    seed: int,
+    shuffle: bool,
+    slots: int,
+) -> dict[int, dict[str, int]]:
+    """Balanced slots for every epoch a saved run had started, resumed on ``slots`` slots (world size changed).
+
+    ``names``: every shard's name in source order; ``consumed``: epoch -> shard -> samples delivered;
+    ``known``: shard sizes known so far.
+    """
+    out: dict[int, dict[str, int]] = {}
+    for epoch, done in consumed.items():
+        if not any(done.values()):
+            continue
+        order = [names[i] for i in shard_order(len(names), seed, epoch, shuffle)]
+        # A shard never read has an unknown size until opened: count it as the largest known one.
+        typical = max(known.values(), default=1)
+        left = {n: max(0, known.get(n, typical) - done.get(n, 0)) for n in order}
+        out[epoch] = balanced_slots(order, left, slots)
+    return out
+
+
+def epoch_slots_json(epoch_slots: dict[int, dict[str, int]], slots: int) -> dict[str, Any]:
+    return {
+        str(e): {"slots": slots, "shards": dict(sorted(d.items()))} for e, d in sorted(epoch_slots.items())
+    }
+
+
+def check_state(state: dict[str, Any]) -> None:
+    required = (
+        "version", "seed", "shuffle", "world_size", "workers_per_rank", "ranks", "epoch_consumed",
+        "shard_samples", "counters", "base_counters", "next_role", "batches_delivered",
+    )  # fmt: skip
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"resume state lacks {missing}; it was not written by StreamLoader.state_dict()")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"resume state version {state['version']} is not {STATE_VERSION}")
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine every rank's ``state_dict()`` into one state that any world size can resume from.
+
+    Each shard is read by one slot at a time, so a shard's consumption is the largest any rank reports;
+    counters add each rank's growth over the common loaded base.
+    """
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    for s in states:
+        check_state(s)
+    first = states[0]
+    for key in (
+        "version",
+        "seed",
+        "shuffle",
+        "world_size",
+        "workers_per_rank",
+        "base_counters",
+        "epoch_slots",
+    ):
+        values = {json.dumps(s.get(key), sort_keys=True) for s in states}
+        if len(values) > 1:
+            raise ValueError(
+                f"states disagree on {key!r} ({sorted(values)}); they come from different runs or resumes"
+            )
+    ranks = [r for s in states for r in s["ranks"]]
+    if len(ranks) != len(set(ranks)):
+        raise ValueError(f"states repeat ranks: {sorted(ranks)}")
+    consumed: dict[str, dict[str, int]] = {}
+    for s in states:
+        for epoch, per_shard in s["epoch_consumed"].items():
+            merged = consumed.setdefault(str(epoch), {})
+            for shard, n in per_shard.items():
+                merged[shard] = max(merged.get(shard, 0), int(n))
+    shard_samples: dict[str, int] = {}
+    for s in states:
+        for shard, n in s["shard_samples"].items():
+            if shard_samples.setdefault(shard, int(n)) != int(n):
+                raise ValueError(f"states disagree on the size of shard {shard}")
+    counters = {}
+    for kind in COUNTER_KINDS:
+        base = Counter(first["base_counters"].get(kind, {}))
+        total = Counter(base)
+        for s in states:
+            total.update(Counter(s["counters"].get(kind, {})) - base)
+        counters[kind] = dict(sorted(total.items()))
+    return {
+        "version": first["version"],
+        "seed": first["seed"],
+        "shuffle": first["shuffle"],
+        "world_size": first["world_size"],
+        "workers_per_rank": first["workers_per_rank"],
+        "ranks": sorted(ranks),
+        "epoch_consumed": {
+            e: dict(sorted(d.items())) for e, d in sorted(consumed.items(), key=lambda x: int(x[0]))
+        },
+        "shard_samples": dict(sorted(shard_samples.items())),
+        "counters": counters,
+        "base_counters": counters,
+        "next_role": {r: n for s in states for r, n in s["next_role"].items()},
+        "batches_delivered": {r: n for s in states for r, n in s["batches_delivered"].items()},
+        "open_shards": first.get("open_shards", DEFAULT_OPEN_SHARDS),
+        "corrupt_shards": dict(
+            sorted({k: v for s in states for k, v in s.get("corrupt_shards", {}).items()}.items())
+        ),
+        "epoch_slots": first.get("epoch_slots", {}),
+    }
+
+
+def merge_data_faults(faults: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The job's skips by reason and corrupt shard names from every rank's ``data_faults()``.
+
+    Skips add each rank's growth over the common loaded base (as merge_states does).
+    """
+    base = Counter(faults[0]["base"]) if faults else Counter()
+    total = Counter(base)
+    for f in faults:
+        total.update(Counter(f["skipped"]) - base)
+    corrupt = sorted({name for f in faults for name in f["corrupt_shards"]})
+    return {"data_skipped": dict(sorted(total.items())), "corrupt_shards": corrupt}
