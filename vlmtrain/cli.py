@@ -7,9 +7,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import typer
-from rich.console import Console
 
 from vlmtrain.demo.run import DemoConfig
+from vlmtrain.logging import make_console
 
 app = typer.Typer(
     help="vlmtrain: train small vision-language models (SigLIP -> MLP projector -> Qwen2) stage by stage.",
@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
+console = make_console()
 
 
 @app.callback()

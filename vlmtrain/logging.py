@@ -11,9 +11,11 @@ import secrets
 import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.rule import Rule
+from rich.text import Text
 
 from vlmtrain.config.load import ConfigError
 from vlmtrain.config.schema import WandbConfig
@@ -21,9 +23,65 @@ from vlmtrain.config.schema import WandbConfig
 WANDB_ID_FILE = "wandb_run_id"  # in the stage folder: a resumed stage continues the same W&B run
 
 
+LOG_WIDTH = 100_000
+"""Columns of a console that writes to a file or pipe: rich would fold tables to 80 there (`stag…`); tables are
+never wider than their widest cells need, so this only lifts the limit."""
+LOG_RULE_WIDTH = 80
+"""Width of a `console.rule()` in a file or pipe (a rule fills the console's width, which there is LOG_WIDTH)."""
+
+
+class _Console(Console):
+    """rich's Console, except that off a terminal (and without COLUMNS) it is LOG_WIDTH wide.
+
+    Decided at each write, not at construction: a console made at import writes to whatever `sys.stdout` is then
+    (a pipe under SLURM, a CliRunner buffer in tests)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # rich reads COLUMNS once, here; an explicit COLUMNS is the width wherever the output goes.
+        self._full_width_off_terminal = not os.environ.get("COLUMNS", "").isdigit()
+
+    def _full_width(self) -> bool:
+        return self._full_width_off_terminal and not self.is_terminal
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        return ConsoleDimensions(LOG_WIDTH, size.height) if self._full_width() else size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._full_width_off_terminal = False
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    @property
+    def width(self) -> int:
+        return self.size.width
+
+    @width.setter
+    def width(self, width: int) -> None:
+        self._full_width_off_terminal = False
+        Console.width.fset(self, width)  # type: ignore[attr-defined]
+
+    def rule(self, title: str | Text = "", **kwargs: Any) -> None:
+        if self._full_width():
+            self.print(Rule(title, **kwargs), width=LOG_RULE_WIDTH)  # not a line of LOG_WIDTH characters
+        else:
+            super().rule(title, **kwargs)
+
+
+def make_console(quiet: bool = False, file: IO[str] | None = None) -> Console:
+    """The console every table and message of vlmtrain goes through (stdout unless `file`).
+
+    On a terminal it is rich's own (terminal width, colours). Written to a file or pipe (`vlmtrain plan > plan.txt`,
+    SLURM output) it is LOG_WIDTH columns wide, so no table cell is cut to `…` or folded, and, as rich does off a
+    terminal, without ANSI codes. COLUMNS, when set, is the width everywhere."""
+    return _Console(quiet=quiet, file=file)
+
+
 def console_for(is_main: bool) -> Console:
     """Rank 0 prints; other ranks get a console that writes nowhere, so call sites need no rank checks."""
-    return Console(stderr=False) if is_main else Console(quiet=True)
+    return make_console(quiet=not is_main)
 
 
 class WandbMissing(ConfigError):

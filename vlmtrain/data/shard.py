@@ -50,6 +50,7 @@ from vlmtrain.data.images import (
 from vlmtrain.data.order import permutation
 from vlmtrain.data.prompt import CAPTION_PROMPT as DEFAULT_CAPTION_PROMPT
 from vlmtrain.data.sources import SHARD_NAME_RULE, check_shard_name
+from vlmtrain.logging import make_console
 
 # Version of the shard sample and manifest layout described in docs/data_format.md.
 FORMAT_VERSION = 1
@@ -652,7 +653,7 @@ def _manifest_problems(manifest: Any) -> list[str]:
 
 def print_summary(summary: ShardSummary, console: Console | None = None) -> None:
     """Print samples, skips by reason (with what each means), shards and where they are."""
-    console = console or Console()
+    console = console or make_console()
     table = Table(title="vlmtrain shard", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")

@@ -21,6 +21,7 @@ from rich.table import Table
 from vlmtrain.config.load import read_json, shipped_stage_path, stage_config_from_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.demo.compare import Comparison, as_json, comparison_rows, comparison_table, plot_comparison
+from vlmtrain.logging import make_console
 
 # 48 px / patch 8 gives 6x6 = 36 image tokens, so each cell of the scene's 3x3 grid is exactly 2x2 patches
 # and a shape is always split the same way. At 64 px (64 tokens, cells of 2.67 patches) the same budget
@@ -338,7 +339,7 @@ def _stage_configs(
 class Demo:
     def __init__(self, cfg: DemoConfig, console: Console | None = None) -> None:
         self.cfg = cfg
-        self.console = console or Console()
+        self.console = console or make_console()
         self.out = cfg.out
         self.timings: dict[str, float] = {}
         self.variants: list[Variant] = []

@@ -19,6 +19,7 @@ from vlmtrain.data.prompt import CAPTION_PROMPT, question_messages
 from vlmtrain.data.shard_reader import read_shard
 from vlmtrain.data.sources import load_source
 from vlmtrain.eval.generate import GenerationConfig, Generator
+from vlmtrain.logging import make_console
 from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
 
 
@@ -190,7 +191,7 @@ def eval_caption(
     from vlmtrain.eval.java import require_java
     from vlmtrain.eval.report import metrics_table
 
-    console = console or Console()
+    console = console or make_console()
     require_java()  # fail before generating for an hour
 
     def question(s: EvalSample) -> str:
@@ -246,7 +247,7 @@ def eval_vqa(
     from vlmtrain.eval.report import vqa_table
     from vlmtrain.eval.vqa_metrics import pathvqa_metrics
 
-    console = console or Console()
+    console = console or make_console()
 
     def question(s: EvalSample) -> str:
         conv = s.meta.get("conversations") or []
