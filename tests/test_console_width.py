@@ -43,6 +43,17 @@ PLAN_HEADERS = [
         "wall h",
     ],
     ["stage", "params (trainable)", "bf16 weights", "fp32 grads", "optimizer", "activations", "total"],
+    [
+        "stage",
+        "samples/GPU",
+        "micro x accum",
+        "reduce-scatter GB",
+        "all-gather GB",
+        "sent/GPU GB",
+        "comm s",
+        "compute s",
+        "bound by",
+    ],
 ]
 STAGES_HEADERS = ["stage", "vision", "projector", "language", "mask", "noise", "data", "init_from"]
 
@@ -120,12 +131,12 @@ def test_plan_to_a_pipe_prints_every_cell_whole(tmp_path):
     names = [p["name"] for p in PRESETS]
     assert names == ["stage0", "stage1", "stage2", "stage3"]
     body = [r for r in rows if r[0] != "stage"]
-    # compute table: one line per stage + total; memory table: one line per stage; nothing folded
-    assert [r[0] for r in body] == [*names, "total", *names]
+    # compute table: one line per stage + total; memory and per-step tables: one line per stage; nothing folded
+    assert [r[0] for r in body] == [*names, "total", *names, *names]
     for row, preset in zip(body[:4], PRESETS, strict=True):
         assert row[1] == preset["data"]["dataset"]
         assert re.fullmatch(r"[\d,]+ \(paper\)", row[2]), row[2]  # not `118,…`
-    widths = [len(PLAN_HEADERS[0])] * 5 + [len(PLAN_HEADERS[1])] * 4
+    widths = [len(PLAN_HEADERS[0])] * 5 + [len(PLAN_HEADERS[1])] * 4 + [len(PLAN_HEADERS[2])] * 4
     assert [len(r) for r in body] == widths
 
 

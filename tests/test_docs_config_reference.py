@@ -151,7 +151,7 @@ def test_shared_preset_settings_match_every_preset() -> None:
     configs = [load_stage_config(stage=name) for name in PRESETS]
     claims = {
         "`batch.global_batch_size`": lambda c: c.batch.global_batch_size == 128,
-        "`batch.micro_batch_size`": lambda c: c.batch.micro_batch_size == 8,
+        "`batch.micro_batch_size`": lambda c: c.batch.micro_batch_size == "auto",
         "`optim.min_lr`": lambda c: c.optim.min_lr == 1e-8,
         "`optim.warmup_ratio`": lambda c: c.optim.warmup_ratio == 0.03,
         "`optim.grad_clip`": lambda c: c.optim.grad_clip == 1.0,

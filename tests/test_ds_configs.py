@@ -193,14 +193,20 @@ def stage_with(tmp_path: Path, ds: dict[str, Any] | str, *overrides: str):
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(ds))
         ds = str(path)
-    return load_stage_config(stage=2, overrides=[f"train.ds_config={ds}", *overrides])
+    return load_stage_config(
+        stage=2, overrides=[f"train.ds_config={ds}", "batch.micro_batch_size=8", *overrides]
+    )
 
 
 @pytest.mark.parametrize("name", [DEFAULT, *OTHERS])
 def test_shipped_configs_resolve(name):
     from vlmtrain.train.engines.deepspeed import resolve_ds_config
 
-    cfg = resolve_ds_config(load_stage_config(stage=2, overrides=[f"train.ds_config={name}"]), world_size=2)
+    pinned = [
+        f"train.ds_config={name}",
+        "batch.micro_batch_size=8",
+    ]  # the presets say auto: pin the 8 x 8 split
+    cfg = resolve_ds_config(load_stage_config(stage=2, overrides=pinned), world_size=2)
     assert cfg["zero_optimization"] == shipped_ds_config(name)["zero_optimization"]
 
 

@@ -7,6 +7,7 @@ model times the tokens that go through it, memory from the precision policy's by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -21,10 +22,13 @@ from vlmtrain.train.plan import (
     meta_model,
     parse_text_tokens,
     plan_stages,
+    plan_warnings,
     words_to_tokens,
 )
 
-STAGES = [load_stage_config(stage=i) for i in range(4)]
+PRESETS = [load_stage_config(stage=i) for i in range(4)]  # micro_batch_size: auto
+# The hand counts below are for micro-batches of 8 (the 8 x 16 reference on one GPU): the presets pinned to it.
+STAGES = [dataclasses.replace(s, batch=dataclasses.replace(s.batch, micro_batch_size=8)) for s in PRESETS]
 DOCS_STEPS = {"stage0": 924, "stage1": 924, "stage2": 4360, "stage3": 6088}  # docs/training.md, The recipe
 P = 256  # image tokens of so400m at 224 px, patch 14
 
@@ -173,8 +177,10 @@ def test_text_token_override_and_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not in the table"):
         plan_stages(STAGES, 1, "Voodoo 3", 0.4)
     assert plan_stages(STAGES[:1], 1, "Voodoo 3", 0.4, peak_tflops=100.0)[2] == 100.0
-    with pytest.raises(ValueError, match="divisible"):
-        plan_stages(STAGES, 3, "A800", 0.4)  # 128 / (8 x 3) does not divide
+    with pytest.raises(ValueError, match="not a whole number of samples per rank"):
+        plan_stages(STAGES, 3, "A800", 0.4)  # 128 / 3 samples per GPU
+    with pytest.raises(ValueError, match="divisible by micro_batch_size x world size = 256"):
+        plan_stages(STAGES, 32, "A800", 0.4)  # 4 samples per GPU: a pinned micro-batch of 8 cannot be
 
 
 def test_cli_help_and_a_run_without_shards(tmp_path, monkeypatch):
@@ -188,3 +194,108 @@ def test_cli_help_and_a_run_without_shards(tmp_path, monkeypatch):
         assert text in result.output
     bad = runner.invoke(app, ["plan", "--gpu", "Voodoo 3"])
     assert bad.exit_code == 1 and "not in the table" in bad.output
+
+
+def test_every_preset_plans_on_64_gpus_with_auto_and_the_communication_is_the_hand_count(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert all(s.batch.micro_batch_size == "auto" for s in PRESETS)
+    plans, _, _ = plan_stages(PRESETS, 64, "H100", 0.4, interconnect="ib-ndr")
+    vlm = meta_model(PRESETS[2].model)
+    everything = sum(p.numel() for p in vlm.parameters())
+    for plan in plans:
+        # 128 samples over 64 GPUs: 2 each, one micro-batch of 2 (no accumulation)
+        assert (plan.samples_per_gpu, plan.micro_batch, plan.accumulation) == (2, 2, 1)
+        c = plan.communication
+        # hand count: fp32 gradients of every trainable parameter reduce-scattered once per micro-batch, bf16
+        # parameters all-gathered once; a ring sends 63/64 of each; one 400 Gb/s NDR adapter (50 GB/s) per GPU
+        assert c.reduce_bytes == 4 * plan.trainable * 1 and c.gather_bytes == 2 * plan.trainable
+        assert c.wire_bytes == (6 * plan.trainable) * 63 // 64
+        assert c.seconds == pytest.approx(c.wire_bytes / 50e9)
+    # stages 2-3 train all 908M parameters (less the tower's unused ones): 3.6 GB reduced, 1.8 GB gathered
+    assert plans[2].trainable > 0.99 * everything
+    assert plans[2].communication.reduce_bytes / 1e9 == pytest.approx(3.63, abs=0.01)
+    assert plans[2].communication.gather_bytes / 1e9 == pytest.approx(1.82, abs=0.01)
+    # at 2 samples per GPU a step is a few ms of compute against ~0.1 s of traffic: bound by communication
+    assert plans[2].communication_bound and plans[3].communication_bound
+    assert not plans[0].communication_bound  # stage 0 trains the projector only (1.8M parameters)
+    warnings = plan_warnings(plans)
+    assert [w.split(":")[0] for w in warnings] == ["stage2", "stage3"]
+    assert "bound by communication" in warnings[0] and "InfiniBand NDR" in warnings[0]
+    # within one node the link is NVLink whatever --interconnect says; on one GPU nothing is sent
+    eight, _, _ = plan_stages(PRESETS[2:3], 8, "H100", 0.4, interconnect="100gbe")
+    assert eight[0].communication.link == "NVLink 4"
+    one, _, _ = plan_stages(PRESETS[2:3], 1, "H100", 0.4)
+    assert one[0].communication.wire_bytes == 0 and not one[0].communication_bound
+
+
+def test_auto_picks_the_largest_divisor_that_fits_the_memory_estimate(tmp_path, monkeypatch):
+    from vlmtrain.train.batching import AUTO_MEMORY_FRACTION
+    from vlmtrain.train.plan import memory_per_gpu, stage_shapes
+
+    monkeypatch.chdir(tmp_path)
+    stage = PRESETS[3]
+    shapes = stage_shapes(stage, stage.model)
+    for gib in (24, 32, 40, 80):
+        plans, _, _ = plan_stages([stage], 1, "H100", 0.4, memory_gib=gib)
+        micro = plans[0].micro_batch
+        budget = gib * 2**30 * AUTO_MEMORY_FRACTION
+        # brute force over every micro-batch size that divides 128: the largest whose estimate fits
+        fitting = [
+            m for m in range(1, 129) if 128 % m == 0 and memory_per_gpu(stage, shapes, 1, m).total <= budget
+        ]
+        assert micro == max(fitting), gib
+    with pytest.raises(ValueError, match="even 1 sample per micro-batch needs"):
+        plan_stages([stage], 1, "H100", 0.4, memory_gib=16)
+
+
+def test_global_batch_smaller_than_the_world_names_the_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        plan_stages(PRESETS[:1], 256, "H100", 0.4)
+    message = str(caught.value)
+    assert "fewer than one sample per rank (128 samples over 256 ranks)" in message
+    assert "128 GPUs" in message and "e.g. 256" in message and "optim.lr_scaling" in message
+
+
+def test_lr_scaling_rules():
+    from vlmtrain.train.batching import describe_batch, lr_scale
+
+    base = dataclasses.replace(PRESETS[2], batch=dataclasses.replace(PRESETS[2].batch, global_batch_size=512))
+    for rule, factor in (("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)):
+        stage = dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr_scaling=rule))
+        assert lr_scale(stage) == factor
+    stage = dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr_scaling="linear"))
+    pinned = dataclasses.replace(stage, batch=dataclasses.replace(stage.batch, micro_batch_size=4))
+    assert describe_batch(pinned, 64) == (
+        "batch: 512 samples per step = 64 rank(s) x 8 = micro-batch 4 x 2 accumulation; learning rates x4 "
+        "(linear: 512 / 128)"
+    )
+
+
+def test_training_resolves_auto_as_the_plan_does(tmp_path, monkeypatch):
+    """run_stage's memory bound (train.device_memory_gib) gives the plan's micro-batch; the LRs follow lr_scaling."""
+    import torch
+    from torch import nn
+
+    from vlmtrain.dist import DistContext
+    from vlmtrain.train.batching import resolve_micro_batch
+    from vlmtrain.train.optim import build_param_groups
+    from vlmtrain.train.run import _memory_bound
+
+    monkeypatch.chdir(tmp_path)
+    stage = dataclasses.replace(
+        PRESETS[3], train=dataclasses.replace(PRESETS[3].train, device_memory_gib=24.0)
+    )
+    ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    trained = resolve_micro_batch(stage, 2, *_memory_bound(stage, ctx))
+    planned, _, _ = plan_stages([stage], 2, "H100", 0.4, memory_gib=24.0)
+    assert trained.batch.micro_batch_size == planned[0].micro_batch
+    no_bound = dataclasses.replace(stage, train=dataclasses.replace(stage.train, device_memory_gib=None))
+    assert resolve_micro_batch(no_bound, 2, *_memory_bound(no_bound, ctx)).batch.micro_batch_size == 64  # CPU
+
+    model = nn.ModuleDict({"projector": nn.Linear(2, 2)})
+    one = load_stage_config(stage=0, overrides=["batch.global_batch_size=512", "optim.lr_scaling=sqrt"])
+    (spec, *_) = build_param_groups(model, {"projector": model["projector"]}, one)
+    assert spec.lr == pytest.approx(one.modules["projector"].lr * 2.0)

@@ -200,10 +200,23 @@ def test_ds_config_must_exist_parse_and_be_supported(tmp_path: Path, data: Train
 
 def test_batch_must_split_over_the_world(data: TrainData) -> None:
     (problem,) = pf.check_batch(stage(good_config(data)), world_size=3)  # 8 samples, micro 2
-    assert (
-        problem.line()
-        == "stage0 batch.global_batch_size: 8 is not divisible by micro_batch_size x world size = 6 (3 ranks)"
+    assert problem.line() == (
+        "stage0 batch.global_batch_size: 8 gives not a whole number of samples per rank (8 / 3). Options: run on a "
+        "world size that divides it (e.g. 1, 2 GPUs), or set batch.global_batch_size to a multiple of 3 (e.g. 9) "
+        "and say how the learning rates follow it with optim.lr_scaling (none | linear | sqrt against "
+        "optim.lr_reference_batch = 128; now 'none') (3 ranks)"
     )
+    assert (
+        pf.check_batch(stage(good_config(data)), world_size=2) == []
+    )  # 4 samples each: 2 micro-batches of 2
+    (problem,) = pf.check_batch(
+        stage(good_config(data)), world_size=8
+    )  # 1 sample each: a micro-batch of 2 cannot
+    assert problem.line() == (
+        "stage0 batch.global_batch_size: 8 is not divisible by micro_batch_size x world size = 16 (8 ranks)"
+    )
+    auto = stage(good_config(data, batch__micro_batch_size="auto"))
+    assert pf.check_batch(auto, world_size=8) == []  # `auto` takes the 1 sample each
 
 
 def test_stage_names_must_be_unique(data: TrainData) -> None:

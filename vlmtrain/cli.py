@@ -221,21 +221,36 @@ def plan(
     text_tokens: list[str] = typer.Option(
         [], "--text-tokens", help="STAGE=PROMPT,ANSWER text tokens per sample, replacing the estimate."
     ),
+    gpu_memory_gib: float | None = typer.Option(
+        None,
+        "--gpu-memory-gib",
+        help="Memory of one GPU that micro_batch_size auto plans for (default: the table's).",
+    ),
+    interconnect: str = typer.Option(
+        "ib-ndr",
+        "--interconnect",
+        help="Link between nodes: nvlink, ib-ndr, ib-hdr or 100gbe (within a node: NVLink).",
+    ),
 ) -> None:
-    """Per stage: samples, steps, tokens, FLOPs, GPU-hours and memory per GPU, before anything runs."""
+    """Per stage: samples, steps, tokens, FLOPs, GPU-hours, memory per GPU and communication per step, before
+    anything runs. Warns when a step would be bound by communication."""
     from vlmtrain.config.load import ConfigError, load_stage_config
     from vlmtrain.config.schema import ValidationError
-    from vlmtrain.train.plan import parse_text_tokens, plan_stages, plan_tables
+    from vlmtrain.train.plan import parse_text_tokens, plan_stages, plan_tables, plan_warnings
 
     try:
         stages = [load_stage_config(stage=s) for s in _parse_stage_list(stage or ([] if config else ["0-3"]))]
         stages += [load_stage_config(config=c) for c in config]
         texts = parse_text_tokens(text_tokens)
-        plans, name, peak = plan_stages(stages, gpus, gpu, mfu, texts, peak_tflops)
+        plans, name, peak = plan_stages(
+            stages, gpus, gpu, mfu, texts, peak_tflops, gpu_memory_gib, interconnect
+        )
     except (ConfigError, ValidationError, ValueError, FileNotFoundError) as err:
         _fail(err)
     for table in plan_tables(plans, gpus, name, peak, mfu):
         console.print(table)
+    for warning in plan_warnings(plans):
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 eval_app = typer.Typer(

@@ -174,11 +174,13 @@ class BatchConfig:
 
     global_batch_size: int = 128
     """Samples per optimizer step over all ranks (the paper: 128)."""
-    micro_batch_size: int = 8
-    """Samples per forward pass on one rank; accumulation = global / (micro * world size)."""
+    micro_batch_size: int | Literal["auto"] = 8
+    """Samples per forward pass on one rank; accumulation = global / (micro * world size). `auto`: the largest micro-batch that divides the rank's share of the global batch and fits the device by `vlmtrain plan`'s memory estimate (`train.device_memory_gib`, else the CUDA device's memory; on CPU the whole share), chosen when the stage starts and logged."""
 
     def validate(self, path: str) -> None:
         _require(self.global_batch_size > 0, f"{path}.global_batch_size", "must be > 0")
+        if self.micro_batch_size == "auto":
+            return
         _require(self.micro_batch_size > 0, f"{path}.micro_batch_size", "must be > 0")
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
@@ -187,6 +189,12 @@ class BatchConfig:
         )
 
     def accumulation_steps(self, world_size: int) -> int:
+        if self.micro_batch_size == "auto":
+            raise ValidationError(
+                "batch.micro_batch_size",
+                "auto is chosen per world size and device (vlmtrain.train.batching.resolve_micro_batch) before "
+                "the batch is split",
+            )
         per_step = self.micro_batch_size * world_size
         if self.global_batch_size % per_step:
             raise ValidationError(
@@ -212,6 +220,10 @@ class OptimConfig:
     """Fraction of the steps with linear warmup from 0 before the cosine decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """How every group's `lr` follows a `batch.global_batch_size` other than `lr_reference_batch`: `none` (as written), `linear` (x global / reference) or `sqrt` (x its square root). Printed when the stage starts and recorded in its stage_config.json."""
+    lr_reference_batch: int = 128
+    """The global batch the groups' `lr` values are tuned for (the presets': the paper's 128)."""
 
     def validate(self, path: str) -> None:
         for i, b in enumerate(self.betas):
@@ -221,6 +233,7 @@ class OptimConfig:
         _require(self.min_lr >= 0, f"{path}.min_lr", "must be >= 0")
         _require(0.0 <= self.warmup_ratio < 1.0, f"{path}.warmup_ratio", "must be in [0, 1)")
         _require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0")
+        _require(self.lr_reference_batch > 0, f"{path}.lr_reference_batch", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -276,11 +289,15 @@ class TrainConfig:
     """Also write TensorBoard event files."""
     wandb: WandbConfig | None = None
     """Also log to Weights & Biases ([WandbConfig](#wandbconfig)); None: off."""
+    device_memory_gib: float | None = None
+    """Memory of one device that `batch.micro_batch_size: auto` plans for; None: the CUDA device's own (on CPU no bound: the rank's whole share of the global batch)."""
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one GPU that the logged MFU divides by; None: looked up from the GPU's name in vlmtrain/train/flops.py (bf16 on CUDA; on CPU, an unknown GPU or fp32 compute the MFU is null and TFLOP/s alone is logged)."""
 
     def validate(self, path: str) -> None:
         _require(self.epochs > 0, f"{path}.epochs", "must be > 0")
+        if self.device_memory_gib is not None:
+            _require(self.device_memory_gib > 0, f"{path}.device_memory_gib", "must be > 0")
         if self.max_steps is not None:
             _require(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
         _require(self.save_every >= 0, f"{path}.save_every", "must be >= 0")

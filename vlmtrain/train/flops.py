@@ -380,6 +380,29 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, str, float], ...] = (
 )
 
 
+GPU_MEMORY_GIB: dict[str, float] = {
+    "H100 PCIe": 80,
+    "H100 NVL": 94,
+    "H100 SXM": 80,
+    "H800 PCIe": 80,
+    "H800 SXM": 80,
+    "H200 NVL": 141,
+    "H200": 141,
+    "B200": 180,
+    "A100 (SXM or PCIe)": 80,  # the 80 GB model; the 40 GB one needs --gpu-memory-gib 40
+    "A800": 80,
+    "L40S": 48,
+    "L40": 48,
+    "L4": 24,
+    "A40": 48,
+    "A10": 24,
+    "RTX A6000": 48,
+    "RTX 4090": 24,
+    "RTX 3090": 24,
+}
+"""Memory of each GPU of GPU_PEAK_TFLOPS (NVIDIA's datasheets), GiB as `vlmtrain plan` plans `micro_batch_size: auto`."""
+
+
 def gpu_peak_tflops(name: str) -> tuple[str, float] | None:
     """(GPU, dense bf16 TFLOP/s) for a device name such as `NVIDIA H100 80GB HBM3`, or None if not in the table."""
     low = name.lower()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlmtrain.config.schema import OptimConfig, StageConfig
+from vlmtrain.train.batching import lr_scale
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 def build_param_groups(model: nn.Module, groups: dict[str, nn.Module], stage: StageConfig) -> list[GroupSpec]:
     """Trainable parameters of each module group, with its LR; frozen parameters never appear."""
     specs = []
+    scale = lr_scale(stage)  # optim.lr_scaling: the peak LRs follow a global batch other than the reference
     for group, module in groups.items():
         cfg = stage.modules[group]
         if not cfg.trainable:
@@ -40,7 +42,9 @@ def build_param_groups(model: nn.Module, groups: dict[str, nn.Module], stage: St
             chosen = [(f"{group}.{n}", p) for n, p in named if _no_decay(n, p) == keep]
             if chosen:
                 names, params = zip(*chosen, strict=True)
-                specs.append(GroupSpec(group + suffix, group, tuple(params), tuple(names), cfg.lr, wd))
+                specs.append(
+                    GroupSpec(group + suffix, group, tuple(params), tuple(names), cfg.lr * scale, wd)
+                )
     if not specs:
         raise ValueError(f"stage {stage.name}: no trainable parameters; check `modules` in the stage config")
     return specs

@@ -20,7 +20,9 @@ from rich.table import Table
 
 from vlmtrain.config.schema import ModelConfig, StageConfig
 from vlmtrain.models.loss import CHUNK_BYTES
+from vlmtrain.train.batching import resolve_micro_batch
 from vlmtrain.train.flops import (
+    GPU_MEMORY_GIB,
     BatchLayout,
     FlopCount,
     Flops,
@@ -169,6 +171,47 @@ def stack_activation_bytes(stack: StackShape, layers: int, checkpointed: int, to
     return kept + (full if checkpointed else 0)
 
 
+# ---- communication model ----------------------------------------------------------------------------------
+GPUS_PER_NODE = 8
+"""GPUs per node: a job on at most this many GPUs runs within one node (over NVLink)."""
+INTERCONNECTS: dict[str, tuple[str, float]] = {
+    "nvlink": ("NVLink 4", 450.0),
+    "ib-ndr": ("InfiniBand NDR", 50.0),
+    "ib-hdr": ("InfiniBand HDR", 25.0),
+    "100gbe": ("100 GbE", 12.5 / GPUS_PER_NODE),
+}
+"""Nominal bandwidth per GPU and direction, GB/s: NVLink 4 of an H100 SXM (18 links, 900 GB/s both ways);
+one 400 Gb/s NDR (200 Gb/s HDR) adapter per GPU, as in DGX H100 (A100) nodes; one 100 GbE port per node, shared by
+its 8 GPUs. NCCL's ring reaches about 80% of these in practice: the estimate is a lower bound on the time."""
+DEFAULT_INTERCONNECT = "ib-ndr"
+
+
+@dataclass(frozen=True)
+class Communication:
+    """Bytes and time of one optimizer step's collectives under DeepSpeed ZeRO-2 (vlmtrain's default engine)."""
+
+    reduce_bytes: int  # fp32 gradients reduce-scattered: every trainable parameter, once per micro-batch
+    gather_bytes: int  # bf16 updated parameters all-gathered after the optimizer step
+    wire_bytes: int  # what each GPU sends (a ring collective of S bytes over n GPUs sends S (n - 1) / n)
+    link: str  # the interconnect the time is for
+    seconds: float  # wire_bytes at the link's nominal bandwidth
+
+
+def step_communication(trainable: int, accumulation: int, gpus: int, interconnect: str) -> Communication:
+    """ZeRO-2's traffic per optimizer step: DeepSpeed reduces (reduce-scatters) the fp32 gradient of every trainable
+    parameter at the end of each micro-batch's backward, so `accumulation` times per step, and all-gathers the
+    updated bf16 parameters once. On one GPU nothing is sent. Within one node (at most GPUS_PER_NODE GPUs) the
+    link is NVLink, beyond it `interconnect`."""
+    if interconnect not in INTERCONNECTS:
+        raise ValueError(f"--interconnect {interconnect!r} is not one of {sorted(INTERCONNECTS)}")
+    reduce_bytes = FP32 * trainable * accumulation
+    gather_bytes = BF16 * trainable
+    link = "nvlink" if gpus <= GPUS_PER_NODE else interconnect
+    name, gb_per_s = INTERCONNECTS[link]
+    wire = (reduce_bytes + gather_bytes) * (gpus - 1) // gpus
+    return Communication(reduce_bytes, gather_bytes, wire, name, wire / (gb_per_s * 1e9))
+
+
 # ---- the plan ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Memory:
@@ -201,6 +244,15 @@ class StagePlan:
     gpu_hours: float
     wall_hours: float
     memory: Memory
+    samples_per_gpu: int  # the GPU's share of the global batch
+    micro_batch: int  # samples per forward (batch.micro_batch_size, `auto` resolved)
+    communication: Communication  # per optimizer step
+    compute_seconds: float  # model FLOPs of one optimizer step / (GPUs x peak x MFU)
+
+    @property
+    def communication_bound(self) -> bool:
+        """The step's gradient and parameter traffic takes longer than its compute, even if fully overlapped."""
+        return self.communication.seconds > self.compute_seconds
 
     @property
     def six_pt_all(self) -> float:
@@ -317,37 +369,24 @@ def checkpointed_groups(stage: StageConfig) -> tuple[bool, bool]:
     return vision_trains, language_trains
 
 
-def plan_stage(
-    stage: StageConfig,
-    model: ModelConfig,
-    gpus: int,
-    peak_tflops: float,
-    mfu: float,
-    text_tokens: tuple[int, int] | None = None,
-) -> StagePlan:
-    """One stage's figures on `gpus` GPUs of `peak_tflops` at `mfu`; `text_tokens` = (unsupervised, supervised)
-    per sample overrides the dataset estimate."""
+@dataclass(frozen=True)
+class StageShapes:
+    """The meta model of a stage and what the FLOP and memory models read from it."""
+
+    vlm: Any
+    shape: ModelShape
+    setup: StepSetup
+    params: int
+    trainable: int
+
+
+def stage_shapes(stage: StageConfig, model: ModelConfig) -> StageShapes:
+    """The stage's model on the meta device with its trainable set, and the step setup of its recompute policy."""
     vlm = meta_model(model)
     for name, group in vlm.module_groups().items():
         group.requires_grad_(stage.modules[name].trainable)
     for p in vlm.unused_parameters():
         p.requires_grad_(False)
-    params = sum(p.numel() for p in vlm.parameters())
-    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
-    samples, source = stage_samples(stage)
-    steps = stage.train.max_steps or math.floor(samples * stage.train.epochs / stage.batch.global_batch_size)
-    accumulation = stage.batch.accumulation_steps(gpus)
-    if text_tokens is None:
-        estimate = PAPER_DATASETS.get(stage.data.dataset)
-        if estimate is None:
-            raise ValueError(
-                f"stage {stage.name}: no text-length estimate for {stage.data.dataset!r}; pass --text-tokens"
-            )
-        text_tokens = estimate.text_tokens()
-    unsupervised, supervised = text_tokens
-    image = vlm.num_image_tokens
-    sample_tokens = image + unsupervised + supervised
-
     shape = ModelShape.from_model(vlm)
     vision_ckpt, language_ckpt = checkpointed_groups(stage)
     setup = StepSetup(
@@ -358,17 +397,20 @@ def plan_stage(
         vision_checkpointed=shape.vision_layers_used if vision_ckpt else 0,
         language_checkpointed=shape.language.layers if language_ckpt else 0,
     )
-    micro = stage.batch.micro_batch_size
-    layout = BatchLayout(((sample_tokens, image),) * micro, images=micro, supervised=micro * supervised)
-    per_step = step_flops(shape, setup, [layout] * (stage.batch.global_batch_size // micro))
-    flops = FlopCount(
-        {
-            p: Flops(f.forward * steps, f.backward * steps, f.recompute * steps)
-            for p, f in per_step.parts.items()
-        }
-    )
-    gpu_hours = flops.model / (mfu * peak_tflops * 1e12) / 3600
+    params = sum(p.numel() for p in vlm.parameters())
+    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+    return StageShapes(vlm, shape, setup, params, trainable)
 
+
+def memory_per_gpu(
+    stage: StageConfig, shapes: StageShapes, gpus: int, micro: int, supervised_share: float = 1.0
+) -> Memory:
+    """Bytes per GPU under ZeRO-2 for micro-batches of `micro` samples at their longest rows.
+
+    `supervised_share`: the fraction of a row's tokens that are supervised (the loss's hidden-state gradient);
+    1.0, the most, when the data's is not known (`micro_batch_size: auto` in training)."""
+    shape, setup = shapes.shape, shapes.setup
+    image = shapes.vlm.num_image_tokens
     # A token-budget micro-batch holds at most token_budget positions, whatever its row count.
     row = stage.data.pack_length or stage.data.max_length
     tokens_in_row = stage.data.token_budget or micro * row
@@ -379,16 +421,58 @@ def plan_stage(
         acts += stack_activation_bytes(
             shape.vision, shape.vision_layers_used, setup.vision_checkpointed, micro * image
         )
-    supervised_share = supervised / sample_tokens
     acts += head_activation_bytes(
         int(tokens_in_row * supervised_share), shape.language.hidden, shape.vocab, setup.language_trains
     )
-    memory = Memory(
-        weights=BF16 * params,
-        gradients=FP32 * trainable // gpus,
-        optimizer=3 * FP32 * trainable // gpus,
+    return Memory(
+        weights=BF16 * shapes.params,
+        gradients=FP32 * shapes.trainable // gpus,
+        optimizer=3 * FP32 * shapes.trainable // gpus,
         activations=acts,
     )
+
+
+def plan_stage(
+    stage: StageConfig,
+    model: ModelConfig,
+    gpus: int,
+    peak_tflops: float,
+    mfu: float,
+    text_tokens: tuple[int, int] | None = None,
+    memory_bytes: int | None = None,
+    interconnect: str = DEFAULT_INTERCONNECT,
+) -> StagePlan:
+    """One stage's figures on `gpus` GPUs of `peak_tflops` at `mfu`; `text_tokens` = (unsupervised, supervised)
+    per sample overrides the dataset estimate; `memory_bytes` (one GPU's) bounds `micro_batch_size: auto`."""
+    shapes = stage_shapes(stage, model)
+    samples, source = stage_samples(stage)
+    steps = stage.train.max_steps or math.floor(samples * stage.train.epochs / stage.batch.global_batch_size)
+    if text_tokens is None:
+        estimate = PAPER_DATASETS.get(stage.data.dataset)
+        if estimate is None:
+            raise ValueError(
+                f"stage {stage.name}: no text-length estimate for {stage.data.dataset!r}; pass --text-tokens"
+            )
+        text_tokens = estimate.text_tokens()
+    unsupervised, supervised = text_tokens
+    image = shapes.vlm.num_image_tokens
+    sample_tokens = image + unsupervised + supervised
+    share = supervised / sample_tokens
+    stage = resolve_micro_batch(
+        stage, gpus, memory_bytes, lambda m: memory_per_gpu(stage, shapes, gpus, m, share).total
+    )
+    micro = stage.batch.micro_batch_size
+    accumulation = stage.batch.accumulation_steps(gpus)
+    layout = BatchLayout(((sample_tokens, image),) * micro, images=micro, supervised=micro * supervised)
+    per_step = step_flops(shapes.shape, shapes.setup, [layout] * (stage.batch.global_batch_size // micro))
+    flops = FlopCount(
+        {
+            p: Flops(f.forward * steps, f.backward * steps, f.recompute * steps)
+            for p, f in per_step.parts.items()
+        }
+    )
+    gpu_hours = flops.model / (mfu * peak_tflops * 1e12) / 3600
+    comm = step_communication(shapes.trainable, accumulation, gpus, interconnect)
     return StagePlan(
         name=stage.name,
         dataset=stage.data.dataset,
@@ -400,11 +484,15 @@ def plan_stage(
         supervised_per_sample=supervised,
         tokens=steps * stage.batch.global_batch_size * sample_tokens,
         flops=flops,
-        params=params,
-        trainable=trainable,
+        params=shapes.params,
+        trainable=shapes.trainable,
         gpu_hours=gpu_hours,
         wall_hours=gpu_hours / gpus,
-        memory=memory,
+        memory=memory_per_gpu(stage, shapes, gpus, micro, share),
+        samples_per_gpu=stage.batch.global_batch_size // gpus,
+        micro_batch=micro,
+        communication=comm,
+        compute_seconds=per_step.model / (gpus * mfu * peak_tflops * 1e12),
     )
 
 
@@ -415,24 +503,35 @@ def plan_stages(
     mfu: float,
     text_tokens: Mapping[str, tuple[int, int]] | None = None,
     peak_tflops: float | None = None,
+    memory_gib: float | None = None,
+    interconnect: str = DEFAULT_INTERCONNECT,
 ) -> tuple[list[StagePlan], str, float]:
-    """Plans of `stages` in order, the GPU's name and its peak; `text_tokens` by stage name."""
+    """Plans of `stages` in order, the GPU's name and its peak; `text_tokens` by stage name. `memory_gib` (one GPU's)
+    bounds `micro_batch_size: auto`; None: the GPU table's memory (no bound for a GPU it does not know)."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if interconnect not in INTERCONNECTS:
+        raise ValueError(f"--interconnect {interconnect!r} is not one of {sorted(INTERCONNECTS)}")
+    found = gpu_peak_tflops(gpu)
     if peak_tflops is None:
-        found = gpu_peak_tflops(gpu)
         if found is None:
             from vlmtrain.train.flops import GPU_PEAK_TFLOPS
 
             known = ", ".join(label for _, label, _ in GPU_PEAK_TFLOPS)
             raise ValueError(f"--gpu {gpu!r} is not in the table ({known}); pass --peak-tflops")
         gpu, peak_tflops = found
+    if memory_gib is None and found is not None:
+        memory_gib = GPU_MEMORY_GIB[found[0]]
+    memory = None if memory_gib is None else int(memory_gib * 2**30)
     by_name = {s.name: s for s in stages}
     texts = text_tokens or {}
     plans = [
-        plan_stage(s, resolve_model(s, by_name), gpus, peak_tflops, mfu, texts.get(s.name)) for s in stages
+        plan_stage(
+            s, resolve_model(s, by_name), gpus, peak_tflops, mfu, texts.get(s.name), memory, interconnect
+        )
+        for s in stages
     ]
     return plans, gpu, peak_tflops
 
@@ -447,6 +546,27 @@ def _si(x: float) -> str:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f}"
+
+
+STEP_COLUMNS = (
+    "stage",
+    "samples/GPU",
+    "micro x accum",
+    "reduce-scatter GB",
+    "all-gather GB",
+    "sent/GPU GB",
+    "comm s",
+    "compute s",
+    "bound by",
+)
+
+
+def _table(title: str, columns: Sequence[str]) -> Table:
+    """A table whose first column (the stage) is left-aligned and the figures right-aligned."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table
 
 
 def plan_tables(plans: Sequence[StagePlan], gpus: int, gpu: str, peak: float, mfu: float) -> list[Table]:
@@ -482,19 +602,10 @@ def plan_tables(plans: Sequence[StagePlan], gpus: int, gpu: str, peak: float, mf
     total = sum(p.gpu_hours for p in plans)
     flops = _si(sum(p.flops.model for p in plans))
     compute.add_row("total", "", "", "", "", flops, "", "", f"{total:.2f}", f"{total / gpus:.2f}")
-    memory = Table(
-        title=f"memory per GPU (GiB), ZeRO-2 over {gpus} GPU(s), one micro-batch at its longest rows"
+    memory = _table(
+        f"memory per GPU (GiB), ZeRO-2 over {gpus} GPU(s), one micro-batch at its longest rows",
+        ("stage", "params (trainable)", "bf16 weights", "fp32 grads", "optimizer", "activations", "total"),
     )
-    for col in (
-        "stage",
-        "params (trainable)",
-        "bf16 weights",
-        "fp32 grads",
-        "optimizer",
-        "activations",
-        "total",
-    ):
-        memory.add_column(col, justify="left" if col == "stage" else "right")
     for p in plans:
         m = p.memory
         memory.add_row(
@@ -506,7 +617,38 @@ def plan_tables(plans: Sequence[StagePlan], gpus: int, gpu: str, peak: float, mf
             _gib(m.activations),
             _gib(m.total),
         )
-    return [compute, memory]
+    link = plans[0].communication.link if plans else ""
+    step = _table(
+        f"per optimizer step on {gpus} GPU(s), ZeRO-2 collectives over {link}",
+        STEP_COLUMNS,
+    )
+    for p in plans:
+        c = p.communication
+        step.add_row(
+            p.name,
+            str(p.samples_per_gpu),
+            f"{p.micro_batch} x {p.accumulation}",
+            f"{c.reduce_bytes / 1e9:.2f}",
+            f"{c.gather_bytes / 1e9:.2f}",
+            f"{c.wire_bytes / 1e9:.2f}",
+            f"{c.seconds:.3f}",
+            f"{p.compute_seconds:.3f}",
+            "communication" if p.communication_bound else "compute",
+        )
+    return [compute, memory, step]
+
+
+def plan_warnings(plans: Sequence[StagePlan]) -> list[str]:
+    """One line per stage whose step would be bound by communication, with what to change."""
+    return [
+        f"{p.name}: each step sends {p.communication.wire_bytes / 1e9:.2f} GB per GPU over "
+        f"{p.communication.link} ({p.communication.seconds:.3f} s) against {p.compute_seconds:.3f} s of compute: "
+        f"the step is bound by communication ({p.samples_per_gpu} samples per GPU, gradients reduced "
+        f"{p.accumulation}x per step). Fewer GPUs, a larger batch.global_batch_size (with optim.lr_scaling) or a "
+        "faster interconnect move it back to compute"
+        for p in plans
+        if p.communication_bound
+    ]
 
 
 def parse_text_tokens(values: Sequence[str]) -> dict[str, tuple[int, int]]:

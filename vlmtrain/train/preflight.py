@@ -49,6 +49,7 @@ from vlmtrain.config.load import ConfigError
 from vlmtrain.config.schema import ModelConfig, StageConfig, ValidationError
 from vlmtrain.data.sources import load_source, names_manifest
 from vlmtrain.logging import wandb_missing_message
+from vlmtrain.train.batching import resolve_micro_batch
 from vlmtrain.train.steps import total_steps_for
 
 URL_TIMEOUT_S = 5.0
@@ -130,7 +131,8 @@ def preflight(
             notes += [note] if note else []
         if not problems_for(problems, stage.name, "data.train"):
             problems += check_step_count(stage)
-        problems += check_ds_config(stage, world_size)
+        if not any(p.where.startswith(f"{stage.name} batch.") for p in problems):
+            problems += check_ds_config(resolve_micro_batch(stage, world_size, None), world_size)
         problems += check_loggers(stage)
     problems += check_urls(remote)
     problems += check_init_from(stages, run_dir, resume)
@@ -166,7 +168,7 @@ def check_stage_names(stages: Sequence[StageConfig]) -> list[Problem]:
 
 def check_batch(stage: StageConfig, world_size: int) -> list[Problem]:
     try:
-        stage.batch.accumulation_steps(world_size)
+        resolve_micro_batch(stage, world_size, None)  # `auto`'s memory fit is chosen when the stage starts
     except ValidationError as err:
         return [
             Problem(
@@ -332,7 +334,10 @@ def completed_stage_changes(stage_dir: Path, stage: StageConfig) -> list[str]:
     from vlmtrain.train.trainer import FINAL
 
     saved = json.loads((stage_dir / FINAL / STAGE_CONFIG_NAME).read_text())
-    return config_changes(saved, stage_config_to_dict(stage))
+    current = stage_config_to_dict(stage)
+    if current["batch"]["micro_batch_size"] == "auto":  # the saved number is what `auto` chose then
+        current["batch"]["micro_batch_size"] = saved.get("batch", {}).get("micro_batch_size")
+    return config_changes(saved, current)
 
 
 def check_completed_stages(stages: Sequence[StageConfig], run_dir: Path, resume: bool) -> list[Problem]:

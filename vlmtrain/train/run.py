@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
 from vlmtrain.models.masks import FLEX_BLOCK_SIZE
 from vlmtrain.models.vlm import VisionLanguageModel
+from vlmtrain.train.batching import describe_batch, per_rank_samples, resolve_micro_batch
 from vlmtrain.train.init_check import resolve_init, resolve_model
 from vlmtrain.train.preflight import require_preflight
 from vlmtrain.train.steps import total_steps_for
@@ -94,8 +95,27 @@ def make_loader_factory(
 
 def step_samples(stage: StageConfig, world_size: int) -> int:
     """One rank's samples per optimizer step (its share of the global batch)."""
-    stage.batch.accumulation_steps(world_size)  # the global batch splits evenly over the ranks
-    return stage.batch.global_batch_size // world_size
+    return per_rank_samples(stage, world_size)
+
+
+def _memory_bound(stage: StageConfig, ctx: DistContext) -> tuple[int | None, Callable[[int], int] | None]:
+    """(bytes of one device, bytes per GPU a micro-batch size needs) for `micro_batch_size: auto`.
+
+    `train.device_memory_gib`, else the CUDA device's memory; (None, None) on CPU or with an integer micro-batch.
+    The estimate is `vlmtrain plan`'s memory model for the stage's model, built on the meta device.
+    """
+    if stage.batch.micro_batch_size != "auto":
+        return None, None
+    if stage.train.device_memory_gib is not None:
+        memory = int(stage.train.device_memory_gib * 2**30)
+    elif ctx.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(ctx.device).total_memory
+    else:
+        return None, None
+    from vlmtrain.train.plan import memory_per_gpu, stage_shapes
+
+    shapes = stage_shapes(stage, stage.model)
+    return memory, lambda micro: memory_per_gpu(stage, shapes, ctx.world_size, micro).total
 
 
 def _validator(stage: StageConfig, stage_dir: Path, ctx: DistContext, model, tokenizer) -> Validator | None:
@@ -112,8 +132,11 @@ def run_stage(
     console = console_for(ctx.is_main)
     stage = resolve_model(stage, run_dir)  # the model block the output records is the one that trains
     stage_dir = run_dir / stage.name
-    stage.batch.accumulation_steps(ctx.world_size)  # fail on an impossible batch before loading a model
+    # `auto` becomes a number (recorded in the stage's stage_config.json); an impossible batch fails here,
+    # before a model loads.
+    stage = resolve_micro_batch(stage, ctx.world_size, *_memory_bound(stage, ctx))
     console.rule(f"[bold]{stage.name}[/] {stage.description}")
+    console.print(describe_batch(stage, ctx.world_size))
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # paper: TF32 where fp32 is needed
         torch.backends.cudnn.allow_tf32 = True

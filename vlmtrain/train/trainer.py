@@ -36,6 +36,7 @@ from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 from vlmtrain.precision import cpu_bf16_warning
 from vlmtrain.train import checkpoint as ckpt
+from vlmtrain.train.batching import lr_scale
 from vlmtrain.train.engines import Engine, make_engine
 from vlmtrain.train.flops import FlopCount, StepFlopModel, resolve_peak_tflops, throughput
 from vlmtrain.train.optim import build_param_groups
@@ -371,8 +372,11 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _lr_rows(self, engine: Engine) -> list[tuple[str, float, float]]:
-        """(optimizer group, LR read back from the engine now, the group's peak LR in the config)."""
-        return [(n, lr, self.stage.modules[n.split(".")[0]].lr) for n, lr in engine.group_lrs().items()]
+        """(optimizer group, LR read back from the engine now, the group's peak LR: the config's x optim.lr_scaling)."""
+        scale = lr_scale(self.stage)
+        return [
+            (n, lr, self.stage.modules[n.split(".")[0]].lr * scale) for n, lr in engine.group_lrs().items()
+        ]
 
     def _lr_table(self, rows: list[tuple[str, float, float]]) -> Table:
         table = Table(
