@@ -30,6 +30,7 @@ from vlmtrain.models.lora import (
     LoraBaseMismatch,
     QuantizeUnsupported,
     adapter_parameters,
+    load_base,
     lora_state,
     merge_lora,
 )
@@ -304,7 +305,9 @@ def test_export_holds_the_merged_weights(tmp_path, tiny_model, tokenizer):
         expected = (layer.base_layer.weight.double() + delta).float()
     from transformers import LlavaForConditionalGeneration
 
-    exported = LlavaForConditionalGeneration.from_pretrained(str(export_hf(out, tmp_path / "hf"))).state_dict()
+    exported = LlavaForConditionalGeneration.from_pretrained(
+        str(export_hf(out, tmp_path / "hf"))
+    ).state_dict()
     base = to_llava_state_dict(tiny_model)
     name = "model.language_model.layers.1.mlp.down_proj.weight"
     torch.testing.assert_close(exported[name], expected, atol=1e-6, rtol=0)
@@ -508,3 +511,36 @@ def test_sigkill_then_resume_reproduces_lora_run_bitwise(tmp_path_factory, tmp_p
             load_file(str(ref.stage_dir / "final" / name)),
             name,
         )
+
+
+@pytest.mark.slow
+def test_later_stage_starts_from_base_plus_adapters(tmp_path_factory, tmp_path):
+    """A stage with init_from a LoRA output trains on the merged model: with its LM frozen, the LM weights it
+    writes out are exactly the LoRA output loaded and merged (and differ from the base's)."""
+    from train_fixtures import (
+        reference_run,
+        run_training,
+        tiny_stage_config,
+        train_data,
+        write_config,
+    )
+
+    data = train_data(tmp_path_factory.getbasetemp())
+    ref = reference_run(
+        tmp_path_factory.getbasetemp(), "lora_deepspeed_reference", _lora_pair_config(data, "deepspeed"), 2
+    )
+    lora_out = ref.stage_dir / "final"
+    cfg = tiny_stage_config(1, data, max_steps=2, save_every=0, global_batch_size=4)  # projector only
+    cfg.update(name="after_lora", init_from=str(lora_out), model={"attn_backend": "sdpa"})
+    run_training([write_config(cfg, tmp_path / "after.json")], tmp_path / "run")
+    written = load_file(str(tmp_path / "run" / "after_lora" / "final" / WEIGHTS_NAME))
+    merged = VisionLanguageModel.from_pretrained(lora_out).state_dict()
+    lm = [n for n in merged if n.startswith("language.") and n in written]
+    assert len(lm) > 10
+    for name in lm:
+        assert torch.equal(written[name], merged[name]), name
+    record = json.loads((lora_out / RECORD_NAME).read_text())
+    assert record["base"]["init_from"] is None  # the base: built from `model` with the recorded seed
+    q = "language.model.layers.0.self_attn.q_proj.weight"
+    base = load_base(lora_out, record, None).state_dict()
+    assert not torch.equal(base[q], merged[q])
