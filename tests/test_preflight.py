@@ -170,8 +170,8 @@ def test_init_from_must_name_an_earlier_stage_or_a_model_directory(tmp_path: Pat
     s2 = stage(good_config(data, name="stage2", init_from=str(saved)))
     (problem,) = pf.check_init_from([s2], tmp_path / "run", resume=False)
     assert problem.line() == (
-        f"stage2 init_from: {saved} lacks model.safetensors, tokenizer_config.json/tokenizer.json; save the "
-        "tokenizer there (tokenizer.save_pretrained) or re-save it"
+        f"stage2 init_from: {saved} lacks model.safetensors/lora.json, tokenizer_config.json/tokenizer.json; "
+        "save the tokenizer there (tokenizer.save_pretrained) or re-save it"
     )
     # A stage after a failed one is not reported again (its cause is listed already).
     s3 = stage(good_config(data, name="stage3", init_from="stage2"))

@@ -130,13 +130,13 @@ def test_offline_run_holds_every_step_config_and_tables(
     media = files[0].parent / "files" / "media" / "table"
     groups = _table(media, "trainability")
     weights = load_weights(stage_dir / "final" / "model.safetensors")
-    assert groups["columns"] == ["group", "status", "params", "trainable", "lr"]
+    assert groups["columns"] == ["group", "status", "params", "trainable", "adapters", "lr"]
     expected_groups = []
     for group in MODULE_GROUPS:
         n = sum(t.numel() for name, t in weights.items() if name.split(".")[0] == group)
         module = cfg["modules"][group]
         status = "TRAINABLE" if module["trainable"] else "Frozen"
-        expected_groups.append([group, status, n, n if module["trainable"] else 0, module["lr"]])
+        expected_groups.append([group, status, n, n if module["trainable"] else 0, 0, module["lr"]])
     assert groups["data"] == expected_groups
     lrs = _table(media, "lr_readback")
     assert lrs["columns"] == ["group", "lr now", "peak (config)"]

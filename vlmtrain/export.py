@@ -22,6 +22,7 @@ from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGener
 from vlmtrain.data.prompt import multimodal_chat_template, stop_token_ids
 from vlmtrain.data.tokenizer import IM_END, IMAGE_TOKEN
 from vlmtrain.eval.run import trained_mask
+from vlmtrain.models.lora import merge_lora
 from vlmtrain.models.vlm import VisionLanguageModel
 
 # vlmtrain parameter prefix -> LlavaForConditionalGeneration parameter prefix
@@ -92,7 +93,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     """Write LLaVA weights (safetensors), config, generation config, tokenizer and processor into `out`."""
     from transformers import AutoTokenizer, SiglipImageProcessorPil
 
-    model = VisionLanguageModel.from_pretrained(checkpoint, attn_backend="sdpa")
+    model = merge_lora(VisionLanguageModel.from_pretrained(checkpoint, attn_backend="sdpa"))
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     llava = LlavaForConditionalGeneration(llava_config(model))
     missing, unexpected = llava.load_state_dict(to_llava_state_dict(model), strict=False)

@@ -76,6 +76,43 @@ class ModelConfig:
             )
 
 
+LORA_ALL_LINEAR = "all-linear"
+Quantize = Literal["4bit"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (PEFT's LoRA) on one module group: its base weights freeze, the adapters train at the
+    group's `lr`. A stage's output then holds the adapters and the fully trained groups, not the frozen base."""
+
+    r: int = 8
+    """Rank of each adapter pair (A: r x in, B: out x r)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input in training (PEFT's `lora_dropout`); evaluation and the merged model have none."""
+    target_modules: Literal["all-linear"] | tuple[str, ...] = LORA_ALL_LINEAR
+    """`all-linear`: every linear layer of the group (an LM's output head excepted, PEFT's rule), or a list of
+    module-name suffixes such as ["q_proj", "v_proj"]."""
+    quantize: Quantize | None = None
+    """`4bit`: QLoRA, the frozen base's linear layers held in 4-bit NF4 (the language group only, reloaded through
+    transformers' BitsAndBytesConfig; needs CUDA and `pip install bitsandbytes`). None: the base stays in the
+    engine's precision."""
+
+    def validate(self, path: str) -> None:
+        _require(self.r >= 1, f"{path}.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, f"{path}.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.target_modules, str):
+            _require(
+                len(self.target_modules) > 0,
+                f"{path}.target_modules",
+                f'must be "{LORA_ALL_LINEAR}" or a non-empty list of module-name suffixes',
+            )
+            for i, name in enumerate(self.target_modules):
+                _require(bool(name.strip()), f"{path}.target_modules[{i}]", "must not be empty")
+
+
 @dataclass(frozen=True)
 class ModuleGroupConfig:
     """Trainability and learning rate of one module group (vision, projector or language)."""
@@ -84,9 +121,21 @@ class ModuleGroupConfig:
     """Whether the group's parameters are optimised; frozen groups get no gradients and no optimizer state."""
     lr: float
     """Peak learning rate of the group; must be 0 for a frozen group and > 0 for a trainable one."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters instead of the group's weights ([LoraConfig](#loraconfig)); needs `trainable:
+    true` (the adapters train at `lr`, the base weights freeze). None: the whole group trains as `trainable`
+    says."""
 
     def validate(self, path: str) -> None:
         _require(self.lr >= 0, f"{path}.lr", f"learning rate must be >= 0, got {self.lr}")
+        if self.lora is not None:
+            _require(
+                self.trainable,
+                f"{path}.lora",
+                "adapters need a trainable group: set trainable: true and lr > 0 (the base weights freeze "
+                "and the adapters train at lr), or remove `lora`",
+            )
+            self.lora.validate(f"{path}.lora")
         if self.trainable:
             _require(
                 self.lr > 0, f"{path}.lr", "a trainable group needs lr > 0 (set trainable: false to freeze)"
@@ -395,3 +444,8 @@ class StageConfig:
     @property
     def trainable_groups(self) -> tuple[str, ...]:
         return tuple(g for g in MODULE_GROUPS if self.modules[g].trainable)
+
+    @property
+    def lora_groups(self) -> dict[str, LoraConfig]:
+        """The groups that train adapters, with their LoRA settings."""
+        return {g: cfg.lora for g, cfg in self.modules.items() if cfg.lora is not None}

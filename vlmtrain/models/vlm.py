@@ -210,8 +210,16 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, attn_backend: str | None = None) -> VisionLanguageModel:
-        """Load a model saved by `save_pretrained`; only safetensors weights are read."""
+        """Load a model saved by `save_pretrained`; only safetensors weights are read.
+
+        A LoRA stage output (adapters, no frozen base) loads as its base with the adapters merged
+        (vlmtrain.models.lora.load_lora_checkpoint).
+        """
         directory = Path(directory)
+        from vlmtrain.models import lora  # lora builds on this module
+
+        if lora.is_lora_checkpoint(directory):
+            return lora.load_lora_checkpoint(directory, attn_backend)
         cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (cfg_path, weights):
             if not path.is_file():

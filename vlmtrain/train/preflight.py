@@ -296,6 +296,7 @@ def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) 
 
     Stages skipped by `--resume auto` (their output is complete) are read from disk like any directory.
     """
+    from vlmtrain.models.lora import RECORD_NAME as LORA_RECORD
     from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME
     from vlmtrain.train.init_check import resolve_init, resolve_model
     from vlmtrain.train.trainer import is_stage_complete
@@ -315,7 +316,9 @@ def check_init_from(stages: Sequence[StageConfig], run_dir: Path, resume: bool) 
             if stage.init_from is not None and stage.init_from not in planned:
                 directory = resolve_init(stage, run_dir)
                 assert directory is not None  # init_from is set
-                missing = missing_files(directory, ((CONFIG_NAME,), (WEIGHTS_NAME,), HF_TOKENIZER))
+                missing = missing_files(
+                    directory, ((CONFIG_NAME,), (WEIGHTS_NAME, LORA_RECORD), HF_TOKENIZER)
+                )
                 if missing:
                     out.append(Problem(where, f"{directory} lacks {missing}; {TOKENIZER_FIX} or re-save it"))
                     continue

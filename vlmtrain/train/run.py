@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from vlmtrain.config.load import stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
+from vlmtrain.models.lora import LoraBase
 from vlmtrain.models.masks import FLEX_BLOCK_SIZE
 from vlmtrain.models.vlm import VisionLanguageModel
 from vlmtrain.train.batching import describe_batch, per_rank_samples, resolve_micro_batch
@@ -39,6 +41,15 @@ def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionL
     tokenizer = AutoTokenizer.from_pretrained(source)
     torch.manual_seed(stage.train.seed)
     return VisionLanguageModel.from_config(stage.model, tokenizer), tokenizer
+
+
+def lora_base(stage: StageConfig, run_dir: Path) -> LoraBase | None:
+    """Where a LoRA stage's frozen base comes from (recorded in its output); None for a stage without LoRA."""
+    if not stage.lora_groups:
+        return None
+    init = resolve_init(stage, run_dir)
+    model = stage_config_to_dict(stage)["model"]
+    return LoraBase(None if init is None else str(init.resolve()), model, stage.train.seed)
 
 
 def make_loader_factory(
@@ -141,7 +152,7 @@ def run_stage(
         torch.backends.cuda.matmul.allow_tf32 = True  # paper: TF32 where fp32 is needed
         torch.backends.cudnn.allow_tf32 = True
     model, tokenizer = load_model_and_tokenizer(stage, run_dir)
-    apply_trainability(model, stage.modules)
+    apply_trainability(model, stage.modules, stage.train.seed, lora_base(stage, run_dir))
     console.print(trainability_table(model, stage.modules, f"{stage.name}: module groups"))
     model.to(ctx.device)
     total = total_steps_for(stage)

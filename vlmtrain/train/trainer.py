@@ -30,7 +30,8 @@ from vlmtrain.data.stream import merge_data_faults
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
 from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
 from vlmtrain.logging import MetricsWriter, WandbSink, console_for, loss_curve, plot_loss_curves
-from vlmtrain.models.freeze import trainability_rows
+from vlmtrain.models.freeze import TABLE_COLUMNS, trainability_rows
+from vlmtrain.models.lora import LoraBaseMismatch, lora_state, save_lora_output
 from vlmtrain.models.loss import supervised_index
 from vlmtrain.models.noise import corrupt_text_tokens, ordinary_token_ids
 from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
@@ -153,8 +154,8 @@ class Trainer:
     # ---- setup --------------------------------------------------------------------------------------
     def _frozen_originals(self) -> dict[str, torch.Tensor]:
         """Frozen weights as they came in (before the engine casts to bf16); rank 0 writes them out."""
-        if not self.ctx.is_main:
-            return {}
+        if not self.ctx.is_main or lora_state(self.model) is not None:
+            return {}  # a LoRA output holds no frozen base (vlmtrain.models.lora)
         return {
             n: p.detach().float().cpu().clone()
             for n, p in self.model.named_parameters()
@@ -324,12 +325,26 @@ class Trainer:
         from vlmtrain.data.stream import merge_states
 
         reader = merge_states(gather_objects(loader.state_dict()))
+        lora = lora_state(self.model)
         return {
             "stage": self.stage.name,
             "reader": reader,
             "counters": counters,
             "total_steps": self.total_steps,
+            # A checkpoint holds adapters only: resuming it onto another frozen base must fail (fit).
+            **({"lora_base_fingerprint": lora.fingerprint} if lora is not None else {}),
         }
+
+    def _check_resume_base(self, trainer_state: dict[str, Any], path: Path) -> None:
+        lora = lora_state(self.model)
+        saved = trainer_state.get("lora_base_fingerprint")
+        mine = lora.fingerprint if lora is not None else None
+        if saved != mine:
+            raise LoraBaseMismatch(
+                f"{path}: checkpoint's frozen LoRA base {saved} differs from this run's {mine}; the stage's "
+                "base (init_from or model checkpoints, seed) has changed since the checkpoint was written: "
+                "restore the original base, or start the stage afresh in another --run-dir"
+            )
 
     def _save(self, engine: Engine, loader: Any, step: int, counters: dict[str, int]) -> Path:
         state = engine.gather_state()
@@ -345,16 +360,19 @@ class Trainer:
         if self.ctx.is_main:
             tmp = self.stage_dir / (FINAL + ".partial")
             tmp.mkdir(parents=True, exist_ok=True)
-            tensors = {**frozen, **state.params}
-            names = [n for n, _ in self.model.named_parameters()]
-            missing = [n for n in names if n not in tensors]
-            if missing:
-                raise RuntimeError(f"stage output would lack {missing[:3]}")
-            save_file(
-                {n: tensors[n].contiguous() for n in names},
-                str(tmp / WEIGHTS_NAME),
-                metadata={"format": "pt"},
-            )
+            if lora_state(self.model) is not None:
+                save_lora_output(tmp, self.model, state.params)  # adapters + trained groups, no frozen base
+            else:
+                tensors = {**frozen, **state.params}
+                names = [n for n, _ in self.model.named_parameters()]
+                missing = [n for n in names if n not in tensors]
+                if missing:
+                    raise RuntimeError(f"stage output would lack {missing[:3]}")
+                save_file(
+                    {n: tensors[n].contiguous() for n in names},
+                    str(tmp / WEIGHTS_NAME),
+                    metadata={"format": "pt"},
+                )
             cfg = self.model.config_dict()
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
             (tmp / STAGE_CONFIG_NAME).write_text(json.dumps(stage_config_to_dict(self.stage), indent=2))
@@ -425,6 +443,7 @@ class Trainer:
         start, reader_state = 0, None
         if latest is not None:
             loaded = ckpt.load_checkpoint(latest, self.ctx)
+            self._check_resume_base(loaded.trainer, latest)
             engine.load_state(loaded.engine)
             ckpt.restore_rng(loaded.rng)
             start = int(loaded.trainer["step"])
@@ -437,7 +456,7 @@ class Trainer:
             self.stage_dir / "tensorboard" if stage.train.tensorboard else None,
             self._wandb(resumed=latest is not None),
         )
-        metrics.table("trainability", ("group", "status", "params", "trainable", "lr"), groups)
+        metrics.table("trainability", TABLE_COLUMNS, groups)
         metrics.truncate_after(start)
         loader = self.make_loader(reader_state)
         batches = iter(loader)
