@@ -59,6 +59,8 @@ class ModelConfig:
     """Qwen2Config keyword arguments: build a randomly initialised LM instead of loading one."""
     tokenizer: str | None = None
     """Hub id or directory of the tokenizer; defaults to `language`."""
+    chat_template: str | None = None
+    """Jinja chat template (the text, or a path to a .jinja file) replacing the tokenizer's own: needed for a base LM whose tokenizer has none. The turn end, pad and stop tokens are derived from it (docs/data_pipeline.md)."""
     vision_feature_layer: int = -1
     """Which hidden state of the vision tower feeds the projector (-1: the last encoder layer)."""
     projector_hidden_act: str = "gelu"

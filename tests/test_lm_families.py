@@ -1,0 +1,285 @@
+"""Any chat LM: the chat format derived from each family's real template, labels against a brute-force
+rendering, generation prompts and stop tokens, the pad choice, and Gemma 3's sliding layers under the stage mask."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_VISION
+from lm_families import CHATS, FAMILIES, TEMPLATES, Family, build_family_tokenizer, save_family_lm
+
+from vlmtrain.data.chat_format import TemplateError, derive_chat_format, load_chat_template, prepare_tokenizer
+from vlmtrain.data.process import (
+    IGNORE_INDEX,
+    ImageTransform,
+    ProcessedSample,
+    ProcessorConfig,
+    RawSample,
+    SampleProcessor,
+)
+from vlmtrain.data.prompt import ChatRenderer, stop_token_ids
+
+NAMES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> dict[str, Any]:
+    return {name: build_family_tokenizer(FAMILIES[name]) for name in NAMES}
+
+
+def sample(messages: list[dict[str, str]]) -> RawSample:
+    conv = [
+        {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in messages
+    ]
+    rec = {"id": "x", "source": "test", "task": "chat", "conversations": conv, "image": None}
+    return RawSample(key="0000000001", shard="t.tar", index=0, members={"json": json.dumps(rec).encode()})
+
+
+def brute_force(tok: Any, family: Family, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """The whole conversation rendered by the template and tokenized in one piece; a token is supervised when
+    its characters lie in an answer's rendered content or the turn-end token right after it."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ranges, pos = [], 0
+    for q, a in zip(messages[0::2], messages[1::2], strict=True):
+        q_text, a_text = (q["content"], a["content"])
+        if family.trims_content:
+            q_text, a_text = q_text.strip(), a_text.strip()
+        pos = text.index(q_text, pos) + len(q_text)
+        start = text.index(a_text, pos)
+        end = start + len(a_text)
+        assert text.startswith(family.turn_end, end), text[end : end + 20]
+        ranges.append((start, end + len(family.turn_end)))
+        pos = end
+    labels = []
+    for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        assert not any(s < r < e for rng in ranges for r in rng), "a token straddles an answer boundary"
+        labels.append(token if any(rs <= s and e <= re for rs, re in ranges) else IGNORE_INDEX)
+    return enc["input_ids"], labels
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chat_format_is_derived_from_the_template(tokenizers: dict[str, Any], name: str) -> None:
+    family, tok = FAMILIES[name], tokenizers[name]
+    n_before = len(tok)
+    fmt = derive_chat_format(tok)
+    assert fmt.turn_end == family.turn_end
+    assert fmt.turn_end_id == tok.convert_tokens_to_ids(family.turn_end)
+    assert fmt.eos_id == tok.convert_tokens_to_ids(family.eos)
+    assert fmt.pad_token == family.expected_pad
+    assert fmt.pad_id == tok.convert_tokens_to_ids(family.expected_pad) < n_before  # an existing row
+    assert fmt.answer_prefix == family.answer_prefix
+    assert len(tok) == n_before  # deriving adds no token
+    # Stops: the turn end first, then eos and pad, each once.
+    expected = [fmt.turn_end_id] + [i for i in (fmt.eos_id, fmt.pad_id) if i != fmt.turn_end_id]
+    assert list(stop_token_ids(tok)) == list(dict.fromkeys(expected))
+
+
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+@pytest.mark.parametrize("name", NAMES)
+def test_labels_match_brute_force_rendering(tokenizers: dict[str, Any], name: str, chat: int) -> None:
+    family, tok, messages = FAMILIES[name], tokenizers[name], CHATS[chat]
+    out = SampleProcessor(tok, ProcessorConfig(max_length=512, num_image_tokens=4), ImageTransform(32))(
+        sample(messages)
+    )
+    assert isinstance(out, ProcessedSample)
+    ids, labels = brute_force(tok, family, messages)
+    assert (out.input_ids.tolist(), out.labels.tolist()) == (ids, labels)
+    n_turns = len(messages) // 2
+    turn_end = tok.convert_tokens_to_ids(family.turn_end)
+    assert sum(t == turn_end for t in out.labels.tolist()) == n_turns  # every answer learns to stop
+
+
+def test_qwen3_think_block_is_prompt_not_answer(tokenizers: dict[str, Any]) -> None:
+    """Qwen3 writes an empty think block before the final answer only; it stays unsupervised (the prompt of
+    the template's own non-thinking mode), and the generation prompt ends with it."""
+    tok = tokenizers["qwen3"]
+    think = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    out = SampleProcessor(tok, ProcessorConfig(max_length=512, num_image_tokens=4))(sample(CHATS[1]))
+    ids, labels = out.input_ids.tolist(), out.labels.tolist()
+    starts = [i for i in range(len(ids)) if ids[i : i + len(think)] == think]
+    assert len(starts) == 1  # only the last turn carries it; earlier answers render without
+    assert all(label == IGNORE_INDEX for label in labels[starts[0] : starts[0] + len(think)])
+    assert labels[starts[0] + len(think)] != IGNORE_INDEX  # the answer right after it is supervised
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generation_prompt_is_the_templates(tokenizers: dict[str, Any], name: str) -> None:
+    """What generation feeds equals the template's own generation prompt tokenized in one piece (for Qwen3 the
+    non-thinking prompt, enable_thinking=False), and is the prompt part of the training sequence."""
+    tok = tokenizers[name]
+    messages = CHATS[1][:5]
+    ids = ChatRenderer(tok).prompt_ids(messages)
+    text = tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    train = SampleProcessor(tok, ProcessorConfig(max_length=512, num_image_tokens=4))(sample(CHATS[1]))
+    assert train.input_ids.tolist()[: len(ids)] == ids
+    assert (
+        train.labels.tolist()[len(ids) - 1] == IGNORE_INDEX
+        and train.labels.tolist()[len(ids)] != IGNORE_INDEX
+    )
+
+
+def test_base_lm_without_template_names_the_fix(tmp_path) -> None:
+    tok = build_family_tokenizer(FAMILIES["llama3.2"], template=False)
+    with pytest.raises(TemplateError, match=r"model\.chat_template"):
+        ChatRenderer(tok)
+    with pytest.raises(TemplateError, match=r"model\.chat_template"):
+        prepare_tokenizer(tok)
+    with pytest.raises(FileNotFoundError, match=r"model\.chat_template"):
+        prepare_tokenizer(tok, str(tmp_path / "missing.jinja"))
+    fmt = prepare_tokenizer(tok, str(TEMPLATES / "llama3_2.jinja"))  # a path to a .jinja file
+    assert (fmt.turn_end, tok.pad_token) == ("<|eot_id|>", "<|finetune_right_pad_id|>")
+    other = build_family_tokenizer(FAMILIES["llama3.2"], template=False)  # the template text itself
+    assert prepare_tokenizer(other, (TEMPLATES / "llama3_2.jinja").read_text()).turn_end == "<|eot_id|>"
+    # A template whose turn end this vocabulary lacks (ChatML on Llama's tokens) is refused, not guessed at.
+    with pytest.raises(TemplateError, match="does not start with a special token"):
+        prepare_tokenizer(other, str(TEMPLATES / "smollm2.jinja"))
+    assert load_chat_template(str(TEMPLATES / "gemma3.jinja")) == (TEMPLATES / "gemma3.jinja").read_text()
+
+
+def test_template_without_special_turn_end_is_refused(tokenizers: dict[str, Any]) -> None:
+    tok = build_family_tokenizer(FAMILIES["qwen2.5"])
+    tok.chat_template = (
+        "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ 'assistant: ' }}{%- endif %}"
+    )
+    with pytest.raises(TemplateError, match="does not start with a special token"):
+        derive_chat_format(tok)
+
+
+# ---- models: pad choice, embeddings, Gemma's sliding layers ---------------------------------------
+
+
+def vlm_for(name: str, tokenizers: dict[str, Any], tmp_path, attn_backend: str = "sdpa"):
+    from vlmtrain.config.schema import ModelConfig
+    from vlmtrain.models.vlm import VisionLanguageModel
+
+    tok = build_family_tokenizer(FAMILIES[name])
+    lm_dir = save_family_lm(FAMILIES[name], tok, tmp_path / name)
+    prepare_tokenizer(tok)
+    cfg = ModelConfig(
+        vision=None,
+        vision_config={**TINY_VISION, "patch_size": 16},  # 2 x 2 = 4 image tokens
+        language=str(lm_dir),
+        tokenizer=str(lm_dir),
+        attn_backend=attn_backend,
+    )
+    torch.manual_seed(0)
+    return VisionLanguageModel.from_config(cfg, tok).eval(), tok, lm_dir
+
+
+def test_llama_without_pad_keeps_its_embeddings(tokenizers: dict[str, Any], tmp_path) -> None:
+    """The pad is an existing reserved token; the only new row is the image token's, added to embeddings
+    and head alike, and every checkpoint row is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok, lm_dir = vlm_for("llama3.2", tokenizers, tmp_path)
+    original = AutoModelForCausalLM.from_pretrained(str(lm_dir))
+    n = original.get_input_embeddings().num_embeddings
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.pad_token_id < n
+    emb, head = model.language.get_input_embeddings(), model.language.get_output_embeddings()
+    assert emb.num_embeddings == head.out_features == len(tok) == n + 1  # + <|image_pad|>
+    torch.testing.assert_close(emb.weight[:n], original.get_input_embeddings().weight, rtol=0, atol=0)
+    assert model.image_token_id == n
+
+
+def gemma_batch(tok: Any) -> dict[str, torch.Tensor]:
+    """Two rows of 14: a packed row (sample 1: 4 image + 5 text tokens, sample 2: 5 text) and a padded one
+    (4 image + 6 text, 4 pads). Long enough that the window (4) cuts into both the image and the text."""
+    ids = torch.randint(10, 300, (2, 14))
+    sample_ids = torch.tensor([[1] * 9 + [2] * 5, [1] * 10 + [0] * 4])
+    flags = torch.zeros(2, 14, dtype=torch.bool)
+    flags[0, :4] = flags[1, :4] = True
+    ids[flags] = tok.convert_tokens_to_ids("<|image_pad|>")
+    ids[sample_ids == 0] = tok.pad_token_id
+    return {"input_ids": ids, "sample_ids": sample_ids, "image_flags": flags}
+
+
+def brute_mask(sample_ids: torch.Tensor, flags: torch.Tensor, mode: str, window: int | None) -> torch.Tensor:
+    """The stage mask written out entry by entry (docs/architecture.md), with Gemma's window |q - k| < w."""
+    b, t = sample_ids.shape
+    out = torch.zeros(b, 1, t, t, dtype=torch.bool)
+    for r in range(b):
+        for q in range(t):
+            for k in range(t):
+                sq, sk = int(sample_ids[r, q]), int(sample_ids[r, k])
+                if sq == 0:
+                    ok = q == k
+                elif sq != sk:
+                    ok = False
+                elif mode == "causal":
+                    ok = k <= q
+                else:  # prefix: image keys visible to the sample; text keys to text queries at or after them
+                    ok = bool(flags[r, k]) or (not flags[r, q] and k <= q)
+                if window is not None and abs(q - k) >= window and sq != 0:
+                    ok = False
+                out[r, 0, q, k] = ok
+    return out
+
+
+def test_gemma3_sliding_layers_get_the_stage_mask_and_their_window(
+    tokenizers: dict[str, Any], tmp_path
+) -> None:
+    """Gemma3ForCausalLM logits under vlmtrain's prefix mask equal eager attention given the brute-force mask of
+    each layer type, and differ from the causal mask and from ignoring the window."""
+    model, tok, _ = vlm_for("gemma3", tokenizers, tmp_path)
+    assert model.attn_windows == {"full_attention": None, "sliding_attention": 4}
+    torch.manual_seed(1)
+    batch = gemma_batch(tok)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model(**batch, pixel_values=pixels, mask_mode="prefix", return_logits=True).logits
+        causal = model(**batch, pixel_values=pixels, mask_mode="causal", return_logits=True).logits
+        embeds = model.embed(batch["input_ids"], batch["image_flags"], pixels)
+        from vlmtrain.models.masks import additive, position_ids_from_sample_ids
+
+        positions = position_ids_from_sample_ids(batch["sample_ids"])
+        model.language.set_attn_implementation("eager")
+
+        def reference(full_window: int | None, sliding_window: int | None) -> torch.Tensor:
+            masks = {
+                "full_attention": additive(
+                    brute_mask(batch["sample_ids"], batch["image_flags"], "prefix", full_window), embeds.dtype
+                ),
+                "sliding_attention": additive(
+                    brute_mask(batch["sample_ids"], batch["image_flags"], "prefix", sliding_window),
+                    embeds.dtype,
+                ),
+            }
+            hidden = model.language.get_decoder()(
+                inputs_embeds=embeds, attention_mask=masks, position_ids=positions, use_cache=False
+            ).last_hidden_state
+            return model.language.get_output_embeddings()(hidden)
+
+        ref = reference(None, 4)
+        no_window = reference(None, None)
+    real = batch["sample_ids"] > 0
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert (ours[real] - causal[real]).abs().max() > 1e-3
+    assert (ours[real] - no_window[real]).abs().max() > 1e-3
+
+
+def test_gemma3_cached_generation_equals_recomputation(tokenizers: dict[str, Any], tmp_path) -> None:
+    """Decoding past the window: the one-token decode mask keeps only the window on sliding layers, so cached
+    greedy generation equals recomputing the whole sequence with the dense masks at every step."""
+    from vlmtrain.eval.generate import GenerationConfig, Generator
+
+    model, tok, _ = vlm_for("gemma3", tokenizers, tmp_path)
+    gen = Generator(model, tok, GenerationConfig(max_new_tokens=10))
+    prompts = [
+        gen.prompt([{"role": "user", "content": "Write a short caption for the image."}], True),
+        gen.prompt([{"role": "user", "content": "Is it large?"}], False),
+    ]
+    pixels = torch.randn(1, 3, 32, 32)
+    cached = gen.generate(prompts, pixels)
+    slow = Generator(model, tok, GenerationConfig(max_new_tokens=10, use_cache=False)).generate(
+        prompts, pixels
+    )
+    assert cached == slow
+    assert max(len(c) for c in cached) > 4  # decoding ran past the sliding window
