@@ -283,3 +283,61 @@ def test_gemma3_cached_generation_equals_recomputation(tokenizers: dict[str, Any
     )
     assert cached == slow
     assert max(len(c) for c in cached) > 4  # decoding ran past the sliding window
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "prefix", "causal"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_windowed_masks_match_brute_force(mode: str, backend: str) -> None:
+    """Per layer type, the prepared mask is the stage mask (padded and packed) and, on sliding layers, the
+    window; one tensor per distinct window. The bidirectional rule is written out here as well."""
+    from vlmtrain.models.masks import additive, prepare_mask
+
+    sample_ids = torch.tensor([[1] * 9 + [2] * 5, [1] * 10 + [0] * 4])
+    flags = torch.zeros(2, 14, dtype=torch.bool)
+    flags[:, :4] = True
+    windows = {"full_attention": None, "sliding_attention": 3}
+    got = prepare_mask(backend, mode, sample_ids, flags, torch.float32, windows)
+    assert set(got) == set(windows)
+    for layer_type, window in windows.items():
+        if mode == "bidirectional":
+            same = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (sample_ids[:, :, None] > 0)
+            pad_diag = (sample_ids[:, :, None] == 0) & torch.eye(14, dtype=torch.bool)
+            near = (
+                torch.ones(14, 14, dtype=torch.bool)
+                if window is None
+                else torch.tensor([[abs(q - k) < window for k in range(14)] for q in range(14)])
+            )
+            want = ((same & near) | pad_diag)[:, None]
+        else:
+            want = brute_mask(sample_ids, flags, mode, window)
+        expected = additive(want, torch.float32) if backend == "eager" else want
+        torch.testing.assert_close(got[layer_type], expected, rtol=0, atol=0)
+
+
+def test_decode_mask_windows() -> None:
+    """One new token (the last column) sees the valid keys of its row, on sliding layers only the last
+    `window` columns (itself included)."""
+    from vlmtrain.models.masks import decode_mask
+
+    key_valid = torch.tensor([[False, False, True, True, True, True, True], [True] * 7])
+    got = decode_mask(key_valid, "sdpa", torch.float32, {"full_attention": None, "sliding_attention": 3})
+    assert got["full_attention"][:, 0, 0].tolist() == key_valid.tolist()
+    assert got["sliding_attention"][:, 0, 0].tolist() == [[False] * 4 + [True] * 3] * 2
+
+
+def test_attention_windows_per_config() -> None:
+    """Which LMs need per-layer masks: Gemma 3 (sliding + full layers), a Qwen2 with sliding layers switched
+    on, a Mistral-style config sliding everywhere; Qwen2 as shipped and Llama need one mask."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    from vlmtrain.models.masks import attention_windows
+
+    gemma = Gemma3TextConfig(num_hidden_layers=6, sliding_window=512)
+    assert attention_windows(gemma) == {"full_attention": None, "sliding_attention": 512}
+    assert attention_windows(Qwen2Config()) is None
+    qwen_sliding = Qwen2Config(
+        use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2
+    )
+    assert attention_windows(qwen_sliding) == {"full_attention": None, "sliding_attention": 64}
+    assert attention_windows(LlamaConfig()) is None
+    assert attention_windows(MistralConfig(sliding_window=128)) == {"*": 128}  # no layer types: one mask

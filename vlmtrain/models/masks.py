@@ -192,12 +192,24 @@ def prepare_mask(
     """
     if windows is None:
         return _backend_mask(backend, mode, sample_ids, image_flags, dtype, None)
-    by_window = {
-        w: _backend_mask(backend, mode, sample_ids, image_flags, dtype, w) for w in set(windows.values())
-    }
+    if backend == "flex":
+        by_window = {w: flex_block_mask(mode, sample_ids, image_flags, w) for w in set(windows.values())}
+    else:
+        # The stage rule once; a window only removes far keys: rule & |q - k| < w (padding keeps its diagonal).
+        base = sdpa_mask(mode, sample_ids, image_flags)
+        by_window = {}
+        for w in set(windows.values()):
+            allowed = base if w is None else base & _band(sample_ids.shape[1], w, sample_ids.device)
+            by_window[w] = additive(allowed, dtype) if backend == "eager" else allowed
     if set(windows) == {"*"}:
         return by_window[windows["*"]]
     return {layer_type: by_window[w] for layer_type, w in windows.items()}
+
+
+def _band(t: int, window: int, device: torch.device) -> torch.Tensor:
+    """[T, T]: True where |q - k| < window."""
+    pos = torch.arange(t, device=device)
+    return (pos[:, None] - pos[None, :]).abs() < window
 
 
 def _backend_mask(backend, mode, sample_ids, image_flags, dtype, window):
