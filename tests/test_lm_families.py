@@ -341,3 +341,58 @@ def test_attention_windows_per_config() -> None:
     assert attention_windows(qwen_sliding) == {"full_attention": None, "sliding_attention": 64}
     assert attention_windows(LlamaConfig()) is None
     assert attention_windows(MistralConfig(sliding_window=128)) == {"*": 128}  # no layer types: one mask
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_family_trains_through_the_vlm(tokenizers: dict[str, Any], tmp_path, name: str) -> None:
+    """Each family's real class (Qwen2, Qwen3, Llama, Llama+ChatML, Gemma 3) from a checkpoint directory: a
+    padded batch of an image chat and a text-only chat gives the loss of running each sample alone, unpadded,
+    through the LM with the brute-force prefix mask (per layer type), cross-entropy on its labels."""
+    import io
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from vlmtrain.data.collate import pad_collate
+    from vlmtrain.models.masks import position_ids_from_sample_ids
+
+    model, tok, _ = vlm_for(name, tokenizers, tmp_path)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(png, "PNG")
+    with_image = sample(CHATS[0])
+    rec = json.loads(with_image.members["json"])
+    rec["image"] = "x.png"
+    with_image = RawSample(
+        "0000000002", "t.tar", 1, {"json": json.dumps(rec).encode(), "png": png.getvalue()}
+    )
+    processor = SampleProcessor(tok, ProcessorConfig(max_length=512, num_image_tokens=4), ImageTransform(32))
+    samples = [processor(with_image), processor(sample(CHATS[1]))]
+    batch = pad_collate(samples, tok.pad_token_id, image_size=32)
+    with torch.no_grad():
+        out = model(**batch, mask_mode="prefix")
+        want = []
+        for i, s in enumerate(samples):
+            ids = s.input_ids[None]
+            flags = ids == model.image_token_id
+            sid = torch.ones_like(ids)
+            pixels = batch["pixel_values"][:1] if i == 0 else None
+            embeds = model.embed(ids, flags, pixels)
+            masks = {
+                t: brute_mask(sid, flags, "prefix", w)
+                for t, w in (model.attn_windows or {"one": None}).items()
+            }
+            hidden = model.language.get_decoder()(
+                inputs_embeds=embeds,
+                attention_mask=masks if model.attn_windows else masks["one"],
+                position_ids=position_ids_from_sample_ids(sid),
+                use_cache=False,
+            ).last_hidden_state
+            logits = model.language.get_output_embeddings()(hidden)[0, :-1]
+            want.append(
+                F.cross_entropy(logits.float(), s.labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+            )
+    assert int(batch["sample_ids"].eq(0).sum()) > 0  # the text-only row pads the image row
+    torch.testing.assert_close(out.loss_sum, sum(want), rtol=1e-5, atol=1e-5)
+    assert out.num_label_tokens == sum(
+        int((s.labels != IGNORE_INDEX).sum()) - int(s.labels[0] != IGNORE_INDEX) for s in samples
+    )

@@ -11,10 +11,12 @@ generation the ids of a conversation that ends with a user turn plus the assista
 exactly the prompt part training saw before that answer. `multimodal_chat_template` wraps the tokenizer's text
 template so that transformers' standard multimodal messages render this same layout.
 
-Spans are tokenized one by one (training needs the answer boundary); a template string tokenized in one piece
-(what transformers' `apply_chat_template(tokenize=True)` does) gives the same ids whenever no BPE merge crosses a
-span boundary, which holds for ChatML: every boundary is next to a special token or the header's newline, and
-answers not starting with whitespace do not merge into it.
+Where answers start and end (the turn-end token, the template's turn suffix and answer prefix) comes from the
+template itself (`vlmtrain.data.chat_format`). Spans are tokenized one by one (training needs the answer
+boundary); a template string tokenized in one piece (what transformers' `apply_chat_template(tokenize=True)`
+does) gives the same ids whenever no BPE merge crosses a span boundary, which holds for the chat families tested
+(Qwen2.5, Qwen3, Llama 3, SmolLM2, Gemma 3: tests/test_lm_families.py): every boundary is next to a special token
+or the header's newline, and answers not starting with whitespace do not merge into it.
 """
 
 from __future__ import annotations
@@ -131,8 +133,12 @@ class ChatRenderer:
             # ask for no thinking; a prompt, not something to learn (docs/data_pipeline.md).
             if fmt.answer_prefix and full.startswith(fmt.answer_prefix, answer_start):
                 answer_start += len(fmt.answer_prefix)
+            if answer_start < done:
+                raise TemplateError(
+                    f"chat template spans out of order at message {i}: {done}, {answer_start}"
+                )
             end = full.find(self.turn_end_token, answer_start)
-            if answer_start < done or end < 0:
+            if end < 0:
                 raise TemplateError(
                     f"assistant turn {full[answer_start : answer_start + 80]!r} does not end with turn_end_token "
                     f"{self.turn_end_token!r}; set ProcessorConfig.turn_end_token to the token this chat "
