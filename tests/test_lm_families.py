@@ -396,3 +396,27 @@ def test_each_family_trains_through_the_vlm(tokenizers: dict[str, Any], tmp_path
     assert out.num_label_tokens == sum(
         int((s.labels != IGNORE_INDEX).sum()) - int(s.labels[0] != IGNORE_INDEX) for s in samples
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exported_template_prompts_as_training(tokenizers: dict[str, Any], name: str) -> None:
+    """The export's multimodal template, with the family's answer prefix: string and multimodal messages give
+    the generation prompt vlmtrain trains and generates with (the image placeholder first), with Qwen3's
+    think block written once whether or not the caller asks for no thinking."""
+    from vlmtrain.data.prompt import multimodal_chat_template
+    from vlmtrain.data.tokenizer import IMAGE_TOKEN
+
+    tok = build_family_tokenizer(FAMILIES[name])
+    renderer = ChatRenderer(tok)
+    text_msgs = CHATS[1][:3]
+    expected = renderer.prompt_ids(text_msgs)
+    tok.chat_template = multimodal_chat_template(tok.chat_template, renderer.format.answer_prefix)
+    mm_msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text_msgs[0]["content"]}]}
+    ]
+    mm_msgs += text_msgs[1:]
+    for kw in ({}, {"enable_thinking": False}):
+        plain = tok.apply_chat_template(text_msgs, tokenize=False, add_generation_prompt=True, **kw)
+        assert tok(plain, add_special_tokens=False)["input_ids"] == expected
+        mm = tok.apply_chat_template(mm_msgs, tokenize=False, add_generation_prompt=True, **kw)
+        assert mm == IMAGE_TOKEN + plain

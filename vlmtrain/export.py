@@ -105,7 +105,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     llava.save_pretrained(str(out))
     # One template for tokenizer and processor (they share chat_template.jinja): string content renders as
     # the tokenizer's own template did in training, multimodal content as well, with the image first.
-    template = multimodal_chat_template(tokenizer.chat_template)
+    template = multimodal_chat_template(tokenizer.chat_template, derive_chat_format(tokenizer).answer_prefix)
     tokenizer.chat_template = template
     size = model.vision.config.image_size
     processor = LlavaProcessor(

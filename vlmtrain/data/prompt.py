@@ -21,6 +21,7 @@ or the header's newline, and answers not starting with whitespace do not merge i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -248,13 +249,24 @@ _MULTIMODAL_PREAMBLE = (
 )
 
 
-def multimodal_chat_template(text_template: str) -> str:
+def multimodal_chat_template(text_template: str, answer_prefix: str = "") -> str:
     """A chat template for transformers' processors that renders vlmtrain's training layout.
 
     Multimodal content lists become text (text items concatenated in order, as Qwen2-VL's template does); an
     image item anywhere in the conversation puts the single image placeholder before everything else; the
-    tokenizer's `text_template` renders the rest. A template already wrapped is returned unchanged.
+    tokenizer's `text_template` renders the rest. `answer_prefix` (ChatFormat.answer_prefix: Qwen3's empty
+    think block) ends every generation prompt, as in training, unless the text template already wrote it
+    (Qwen3 with enable_thinking=False). A template already wrapped is returned unchanged.
     """
     if text_template.startswith(_MULTIMODAL_PREAMBLE):
         return text_template
-    return _MULTIMODAL_PREAMBLE + text_template
+    if not answer_prefix:
+        return _MULTIMODAL_PREAMBLE + text_template
+    prefix = json.dumps(answer_prefix)  # a Jinja string literal with the same escapes
+    return (
+        _MULTIMODAL_PREAMBLE
+        + "{%- set vlm_rendered -%}"  # the text template's output, captured to look at its end
+        + text_template
+        + "{%- endset -%}{{- vlm_rendered -}}"
+        + f"{{%- if add_generation_prompt and not vlm_rendered.endswith({prefix}) -%}}{{{{- {prefix} -}}}}{{%- endif -%}}"
+    )
