@@ -420,3 +420,34 @@ def test_exported_template_prompts_as_training(tokenizers: dict[str, Any], name:
         assert tok(plain, add_special_tokens=False)["input_ids"] == expected
         mm = tok.apply_chat_template(mm_msgs, tokenize=False, add_generation_prompt=True, **kw)
         assert mm == IMAGE_TOKEN + plain
+
+
+def test_dated_template_splits_across_midnight(tokenizers: dict[str, Any], monkeypatch) -> None:
+    """Llama 3.2's template writes today's date; when the day changes between the renderings of one
+    conversation (a worker at midnight), they are taken again, and the spans carry one date."""
+    import datetime as dt
+
+    import transformers.utils.chat_template_utils as ctu
+
+    tok = tokenizers["llama3.2"]
+    renderer = ChatRenderer(tok)
+
+    class MidnightAfterFirstCall(dt.datetime):
+        calls = 0
+
+        @classmethod
+        def now(cls, tz=None):
+            cls.calls += 1
+            return dt.datetime(2026, 12, 7, 23, 59, 59) + dt.timedelta(seconds=0 if cls.calls == 1 else 2)
+
+    monkeypatch.setattr(ctu, "datetime", MidnightAfterFirstCall)
+    # The clock really moves the rendering: the first call renders 07 Dec, the next ones 08 Dec...
+    first = tok.apply_chat_template(CHATS[1], tokenize=False)
+    assert "07 Dec 2026" in first and "08 Dec 2026" in tok.apply_chat_template(CHATS[1], tokenize=False)
+    MidnightAfterFirstCall.calls = 0
+    # ...and a split whose first rendering is the day before still yields one consistent conversation.
+    pairs = renderer.tokenize_pairs(CHATS[1])
+    assert MidnightAfterFirstCall.calls > 4  # rendered again
+    text = tok.decode([t for p in pairs for t in (*p.prompt, *p.answer)])
+    assert text == tok.apply_chat_template(CHATS[1], tokenize=False)  # 08 Dec, once
+    assert "08 Dec 2026" in text and "07 Dec" not in text

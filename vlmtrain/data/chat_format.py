@@ -21,9 +21,10 @@ words, and the format is read off what surrounds the assistant contents:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -37,6 +38,9 @@ CHAT_TEMPLATE_FIX = (
     "set model.chat_template in the stage config to a Jinja chat template (the template string, or a path to "
     "a .jinja file), e.g. the chat_template of the instruct model released with this LM"
 )
+
+
+T = TypeVar("T")
 
 
 class TemplateError(ValueError):
@@ -115,8 +119,13 @@ def derive_chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
         {"role": "user", "content": _USERS[1]},
         {"role": "assistant", "content": _ANSWERS[1]},
     ]
-    full = render(tokenizer, probe, add_generation_prompt=False)
-    prompt = render(tokenizer, probe[:3], add_generation_prompt=True)
+    full, prompt = at_one_instant(
+        lambda: (
+            render(tokenizer, probe, add_generation_prompt=False),
+            render(tokenizer, probe[:3], add_generation_prompt=True),
+        ),
+        lambda r: r[0].startswith(r[1]),
+    )
     require_prefix(full, prompt, 3, add_generation_prompt=True)
     positions = []
     for answer in _ANSWERS:
@@ -146,6 +155,18 @@ def derive_chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
         pad_token=pad_token,
         pad_id=pad_id,
     )
+
+
+def at_one_instant(renderings: Callable[[], T], consistent: Callable[[T], bool]) -> T:
+    """`renderings()`, taken again once when they disagree.
+
+    Templates may read the clock (Llama 3.1+ writes today's date into the system turn through transformers'
+    `strftime_now`, which a caller cannot pin: the template sandbox receives plain data only), so renderings of
+    one conversation made just before and after midnight differ. They are redone once; a template that is
+    really inconsistent disagrees again and the caller reports it.
+    """
+    first = renderings()
+    return first if consistent(first) else renderings()
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:

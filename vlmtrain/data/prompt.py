@@ -28,7 +28,14 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.data.chat_format import ChatFormat, TemplateError, derive_chat_format, render, require_prefix
+from vlmtrain.data.chat_format import (
+    ChatFormat,
+    TemplateError,
+    at_one_instant,
+    derive_chat_format,
+    render,
+    require_prefix,
+)
 from vlmtrain.data.tokenizer import IMAGE_TOKEN, image_token_id
 
 # The instruction of caption samples when the data gives none (sharding, evaluation, `vlmtrain caption`).
@@ -118,7 +125,14 @@ class ChatRenderer:
         if not messages:
             raise ValueError("a conversation needs at least one user turn")
         awaiting = len(messages) % 2 == 1
-        full = self._render(messages, add_generation_prompt=awaiting)
+        full, headers = at_one_instant(
+            lambda: (
+                self._render(messages, add_generation_prompt=awaiting),
+                # where each answer starts: the rendering before it, with the generation prompt
+                [self._render(messages[:i], add_generation_prompt=True) for i in range(1, len(messages), 2)],
+            ),
+            lambda r: all(r[0].startswith(h) for h in r[1]),
+        )
         fmt = self.format
         out: list[tuple[str, str | None]] = []
         done = 0
@@ -127,7 +141,7 @@ class ChatRenderer:
                 out.append((full[done:] + fmt.answer_prefix, None))
                 done = len(full)
                 break
-            header = self._render(messages[:i], add_generation_prompt=True)
+            header = headers[i // 2]
             require_prefix(full, header, i, add_generation_prompt=True)
             answer_start = len(header)
             # Qwen3's empty think block: written before the final answer, and by generation prompts that
