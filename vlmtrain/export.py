@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from vlmtrain.data.prompt import multimodal_chat_template, stop_token_ids
-from vlmtrain.data.tokenizer import IM_END, IMAGE_TOKEN
+from vlmtrain.data.chat_format import derive_chat_format
+from vlmtrain.data.prompt import multimodal_chat_template
+from vlmtrain.data.tokenizer import IMAGE_TOKEN
 from vlmtrain.eval.run import trained_mask
 from vlmtrain.models.lora import merge_lora
 from vlmtrain.models.vlm import VisionLanguageModel
@@ -63,13 +64,11 @@ def to_llava_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 
 
 def generation_config(llava: LlavaForConditionalGeneration, tokenizer) -> GenerationConfig:
-    """Greedy by default, stopping at every token `vlmtrain caption` stops at (<|im_end|> first)."""
-    stops = sorted(stop_token_ids(tokenizer))
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    stops = [im_end] + [i for i in stops if i != im_end]  # the turn end is the eos that ends answers
+    """Greedy by default, stopping at every token `vlmtrain caption` stops at (the template's turn end first)."""
+    fmt = derive_chat_format(tokenizer)
     config = GenerationConfig.from_model_config(llava.config)
-    config.eos_token_id = stops
-    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = list(fmt.stop_ids)  # the turn end is the eos that ends answers
+    config.pad_token_id = fmt.pad_id
     config.do_sample = False
     return config
 
@@ -84,7 +83,7 @@ README = """Exported by vlmtrain. Load with `LlavaForConditionalGeneration.from_
 
 The chat template renders the layout the model was trained with: the image first ({image_token}, which the
 processor expands to {n} image tokens), then the conversation; one image per conversation. Generation stops at
-<|im_end|> (generation_config.json). transformers runs LLaVA with a causal mask; this model was trained with the
+{turn_end} (generation_config.json). transformers runs LLaVA with a causal mask; this model was trained with the
 {mask} mask (`vlmtrain caption --mask causal` gives the captions this export generates).
 """
 
@@ -107,7 +106,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     llava.save_pretrained(str(out))
     # One template for tokenizer and processor (they share chat_template.jinja): string content renders as
     # the tokenizer's own template did in training, multimodal content as well, with the image first.
-    template = multimodal_chat_template(tokenizer.chat_template)
+    template = multimodal_chat_template(tokenizer.chat_template, derive_chat_format(tokenizer).answer_prefix)
     tokenizer.chat_template = template
     size = model.vision.config.image_size
     processor = LlavaProcessor(
@@ -121,6 +120,11 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     )
     processor.save_pretrained(str(out))
     (out / "README.md").write_text(
-        README.format(image_token=IMAGE_TOKEN, n=model.num_image_tokens, mask=trained_mask(checkpoint))
+        README.format(
+            image_token=IMAGE_TOKEN,
+            n=model.num_image_tokens,
+            mask=trained_mask(checkpoint),
+            turn_end=derive_chat_format(tokenizer).turn_end,
+        )
     )
     return out

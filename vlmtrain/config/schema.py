@@ -54,11 +54,13 @@ class ModelConfig:
     vision_config: dict[str, Any] | None = None
     """SiglipVisionConfig keyword arguments: build a randomly initialised tower instead of loading one."""
     language: str | None = "Qwen/Qwen2.5-0.5B"
-    """Hub id or local directory of a Qwen2 causal LM checkpoint."""
+    """Hub id or local directory of a causal LM checkpoint (any AutoModelForCausalLM whose tokenizer has a chat template, or see `chat_template`): Qwen2.5, Qwen3, Llama 3.x, SmolLM2, Gemma 3 are tested."""
     language_config: dict[str, Any] | None = None
     """Qwen2Config keyword arguments: build a randomly initialised LM instead of loading one."""
     tokenizer: str | None = None
     """Hub id or directory of the tokenizer; defaults to `language`."""
+    chat_template: str | None = None
+    """Jinja chat template (the text, or a path to a .jinja file) replacing the tokenizer's own: needed for a base LM whose tokenizer has none. The turn end, pad and stop tokens are derived from it (docs/data_pipeline.md)."""
     vision_feature_layer: int = -1
     """Which hidden state of the vision tower feeds the projector (-1: the last encoder layer)."""
     projector_hidden_act: str = "gelu"

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.data.prompt import ROLES, ChatRenderer, TurnPair, messages_from_turns
-from vlmtrain.data.tokenizer import IM_END, image_token_id
+from vlmtrain.data.tokenizer import image_token_id
 
 # Hugging Face's "ignore" label: cross-entropy skips these positions.
 IGNORE_INDEX = -100
@@ -35,7 +35,7 @@ SAMPLE_SKIP_REASONS = (
     "missing_json",  # no <key>.json member
     "bad_json",  # not UTF-8 JSON, or fields of the wrong type / unknown task / no references for a caption
     "bad_conversation",  # turns are not (human, gpt) pairs starting with human
-    "special_token_in_text",  # a turn contains a special-token string (e.g. <|im_end|>, <|image_pad|>)
+    "special_token_in_text",  # a turn contains a special-token string (e.g. the turn end, <|image_pad|>)
     "missing_image",  # the JSON names an image but the sample has no image member
     "multiple_images",  # more than one image member for one key
     "bad_image",  # the image does not decode (truncated, corrupt, unsupported mode)
@@ -215,8 +215,9 @@ class ProcessorConfig:
     """Seed for caption_choice == "random"."""
     min_answer_tokens: int = 4
     """When even the first pair is too long, keep it only if this many answer tokens still fit."""
-    turn_end_token: str = IM_END
-    """Token closing each turn; supervised at the end of assistant turns so the model learns to stop."""
+    turn_end_token: str | None = None
+    """Token closing each turn, supervised at the end of assistant turns so the model learns to stop; None:
+    the one the chat template writes after an answer (vlmtrain.data.chat_format)."""
     jpeg_draft: bool = False
     """Decode JPEGs of at least twice the input size at 1/2..1/8 scale (libjpeg DCT scaling) before the
     resize: ~2.3x faster decode+preprocess for 640x480 photos, at a mean pixel difference of ~0.01 (on the
@@ -314,7 +315,7 @@ class SampleProcessor:
         # The image prefix is the same for every sample; built once, concatenated per sample.
         self._image_ids = torch.full((config.num_image_tokens,), self.image_token_id, dtype=torch.long)
         self._image_labels = torch.full((config.num_image_tokens,), IGNORE_INDEX, dtype=torch.long)
-        specials = set(tokenizer.all_special_tokens) | {config.turn_end_token}
+        specials = set(tokenizer.all_special_tokens) | {self.renderer.turn_end_token}
         self._special_strings = tuple(sorted(specials))
 
     def __call__(self, raw: RawSample) -> ProcessedSample | Skip:

@@ -11,21 +11,32 @@ generation the ids of a conversation that ends with a user turn plus the assista
 exactly the prompt part training saw before that answer. `multimodal_chat_template` wraps the tokenizer's text
 template so that transformers' standard multimodal messages render this same layout.
 
-Spans are tokenized one by one (training needs the answer boundary); a template string tokenized in one piece
-(what transformers' `apply_chat_template(tokenize=True)` does) gives the same ids whenever no BPE merge crosses a
-span boundary, which holds for ChatML: every boundary is next to a special token or the header's newline, and
-answers not starting with whitespace do not merge into it.
+Where answers start and end (the turn-end token, the template's turn suffix and answer prefix) comes from the
+template itself (`vlmtrain.data.chat_format`). Spans are tokenized one by one (training needs the answer
+boundary); a template string tokenized in one piece (what transformers' `apply_chat_template(tokenize=True)`
+does) gives the same ids whenever no BPE merge crosses a span boundary, which holds for the chat families tested
+(Qwen2.5, Qwen3, Llama 3, SmolLM2, Gemma 3: tests/test_lm_families.py): every boundary is next to a special token
+or the header's newline, and answers not starting with whitespace do not merge into it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.data.tokenizer import IM_END, IMAGE_TOKEN, PAD_TOKEN, image_token_id
+from vlmtrain.data.chat_format import (
+    ChatFormat,
+    TemplateError,
+    at_one_instant,
+    derive_chat_format,
+    render,
+    require_prefix,
+)
+from vlmtrain.data.tokenizer import IMAGE_TOKEN, image_token_id
 
 # The instruction of caption samples when the data gives none (sharding, evaluation, `vlmtrain caption`).
 CAPTION_PROMPT = "Write a short caption for the image."
@@ -38,10 +49,6 @@ _PROMPT_CACHE_SIZE = 4096  # distinct prompt spans remembered per renderer (per 
 Message = dict[str, str]
 
 
-class TemplateError(ValueError):
-    """The tokenizer's chat template cannot be split into per-turn spans (not prefix-consistent)."""
-
-
 @dataclass(frozen=True)
 class TurnPair:
     """Token ids of one (user, assistant) exchange, split where the assistant's answer starts."""
@@ -49,7 +56,7 @@ class TurnPair:
     prompt: Sequence[int]
     """Everything before the answer: earlier template text, the user turn and the assistant header."""
     answer: Sequence[int]
-    """The answer content, the turn-end token and whatever the template puts after it (e.g. "\\n")."""
+    """The answer content, the turn-end token and the template's turn suffix after it (e.g. "\\n")."""
     supervised: int
     """How many leading answer tokens are supervised (content + turn-end token)."""
 
@@ -75,11 +82,9 @@ def question_messages(question: str) -> list[Message]:
     return [{"role": "user", "content": question}]
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """Tokens that end an answer: the turn end (<|im_end|>) and the tokenizer's eos/pad."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    ids |= set(tokenizer.convert_tokens_to_ids([IM_END, PAD_TOKEN]))
-    return {int(i) for i in ids if i is not None and i != tokenizer.unk_token_id}
+def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Tokens that end an answer, the template's turn end first, then eos and pad (vlmtrain.data.chat_format)."""
+    return derive_chat_format(tokenizer).stop_ids
 
 
 class ChatRenderer:
@@ -91,15 +96,15 @@ class ChatRenderer:
     model must emit.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, turn_end_token: str = IM_END) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("the tokenizer has no chat_template; use an instruct tokenizer or set one")
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, turn_end_token: str | None = None) -> None:
+        # The turn end, suffix and answer prefix come from the template itself (derive_chat_format).
+        self.format: ChatFormat = derive_chat_format(tokenizer)
         self.tokenizer = tokenizer
-        self.turn_end_token = turn_end_token
-        ids = tokenizer.encode(turn_end_token, add_special_tokens=False)
+        self.turn_end_token = turn_end_token or self.format.turn_end
+        ids = tokenizer.encode(self.turn_end_token, add_special_tokens=False)
         if len(ids) != 1:
             raise TemplateError(
-                f"turn_end_token {turn_end_token!r} is not a single token in this tokenizer ({ids})"
+                f"turn_end_token {self.turn_end_token!r} is not a single token in this tokenizer ({ids})"
             )
         self.turn_end_id = int(ids[0])
         # A fast tokenizer's Rust backend directly: the same ids without the Python wrapper's overhead.
@@ -110,33 +115,55 @@ class ChatRenderer:
     def spans(self, messages: Sequence[Message]) -> list[tuple[str, str | None]]:
         """(prompt text, answer text) per user turn of alternating user/assistant ``messages``.
 
+        The conversation is the template's rendering of all of it. Answer i starts where the rendering of
+        ``messages[:i]`` with the generation prompt ends (after the template's answer prefix, if it writes one
+        there) and ends after the first turn-end token that follows, plus the template's turn suffix.
         A conversation ending with a user turn is rendered with the generation prompt and its last span has
-        answer None: its prompt text ends with the assistant header generation continues from.
+        answer None: its prompt text ends with the assistant header (and answer prefix) generation
+        continues from.
         """
         if not messages:
             raise ValueError("a conversation needs at least one user turn")
         awaiting = len(messages) % 2 == 1
-        full = self._render(messages, add_generation_prompt=awaiting)
+        full, headers = at_one_instant(
+            lambda: (
+                self._render(messages, add_generation_prompt=awaiting),
+                # where each answer starts: the rendering before it, with the generation prompt
+                [self._render(messages[:i], add_generation_prompt=True) for i in range(1, len(messages), 2)],
+            ),
+            lambda r: all(r[0].startswith(h) for h in r[1]),
+        )
+        fmt = self.format
         out: list[tuple[str, str | None]] = []
         done = 0
         for i in range(1, len(messages) + 1, 2):  # messages[i] answers messages[i - 1]
             if i == len(messages):
-                out.append((full[done:], None))
+                out.append((full[done:] + fmt.answer_prefix, None))
                 done = len(full)
                 break
-            answer_start = self._prefix_length(full, messages[:i], add_generation_prompt=True)
-            last = i + 1 == len(messages)
-            turn_end = (
-                len(full)
-                if last
-                else self._prefix_length(full, messages[: i + 1], add_generation_prompt=False)
-            )
-            if not done <= answer_start <= turn_end:
+            header = headers[i // 2]
+            require_prefix(full, header, i, add_generation_prompt=True)
+            answer_start = len(header)
+            # Qwen3's empty think block: written before the final answer, and by generation prompts that
+            # ask for no thinking; a prompt, not something to learn (docs/data_pipeline.md).
+            if fmt.answer_prefix and full.startswith(fmt.answer_prefix, answer_start):
+                answer_start += len(fmt.answer_prefix)
+            if answer_start < done:
                 raise TemplateError(
-                    f"chat template spans out of order at message {i}: {done}, {answer_start}, {turn_end}"
+                    f"chat template spans out of order at message {i}: {done}, {answer_start}"
                 )
-            out.append((full[done:answer_start], full[answer_start:turn_end]))
-            done = turn_end
+            end = full.find(self.turn_end_token, answer_start)
+            if end < 0:
+                raise TemplateError(
+                    f"assistant turn {full[answer_start : answer_start + 80]!r} does not end with turn_end_token "
+                    f"{self.turn_end_token!r}; set ProcessorConfig.turn_end_token to the token this chat "
+                    "template closes turns with"
+                )
+            end += len(self.turn_end_token)
+            if full.startswith(fmt.turn_suffix, end):
+                end += len(fmt.turn_suffix)
+            out.append((full[done:answer_start], full[answer_start:end]))
+            done = end
         if done != len(full):
             raise TemplateError(
                 f"the chat template renders text after the last assistant turn: {full[done:]!r}"
@@ -202,25 +229,7 @@ class ChatRenderer:
 
     # ---- template -------------------------------------------------------------------------------------
     def _render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        if not isinstance(text, str):
-            raise TemplateError(
-                f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str"
-            )
-        return text
-
-    def _prefix_length(self, full: str, messages: Sequence[Message], *, add_generation_prompt: bool) -> int:
-        prefix = self._render(messages, add_generation_prompt=add_generation_prompt)
-        if not full.startswith(prefix):
-            raise TemplateError(
-                "the chat template is not prefix-consistent: rendering the first "
-                f"{len(messages)} messages{' with the generation prompt' if add_generation_prompt else ''} "
-                f"gives {prefix[-80:]!r} at the end, which is not how the full conversation starts. Label "
-                "spans cannot be derived; use a template whose earlier turns render the same in longer chats."
-            )
-        return len(prefix)
+        return render(self.tokenizer, list(messages), add_generation_prompt=add_generation_prompt)
 
 
 # Converts transformers' multimodal messages ({"type": "image"} / {"type": "text", "text": ...} content items)
@@ -254,13 +263,24 @@ _MULTIMODAL_PREAMBLE = (
 )
 
 
-def multimodal_chat_template(text_template: str) -> str:
+def multimodal_chat_template(text_template: str, answer_prefix: str = "") -> str:
     """A chat template for transformers' processors that renders vlmtrain's training layout.
 
     Multimodal content lists become text (text items concatenated in order, as Qwen2-VL's template does); an
     image item anywhere in the conversation puts the single image placeholder before everything else; the
-    tokenizer's `text_template` renders the rest. A template already wrapped is returned unchanged.
+    tokenizer's `text_template` renders the rest. `answer_prefix` (ChatFormat.answer_prefix: Qwen3's empty
+    think block) ends every generation prompt, as in training, unless the text template already wrote it
+    (Qwen3 with enable_thinking=False). A template already wrapped is returned unchanged.
     """
     if text_template.startswith(_MULTIMODAL_PREAMBLE):
         return text_template
-    return _MULTIMODAL_PREAMBLE + text_template
+    if not answer_prefix:
+        return _MULTIMODAL_PREAMBLE + text_template
+    prefix = json.dumps(answer_prefix)  # a Jinja string literal with the same escapes
+    return (
+        _MULTIMODAL_PREAMBLE
+        + "{%- set vlm_rendered -%}"  # the text template's output, captured to look at its end
+        + text_template
+        + "{%- endset -%}{{- vlm_rendered -}}"
+        + f"{{%- if add_generation_prompt and not vlm_rendered.endswith({prefix}) -%}}{{{{- {prefix} -}}}}{{%- endif -%}}"
+    )

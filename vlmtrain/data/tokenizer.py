@@ -1,8 +1,10 @@
-"""Tokenizers: build a small byte-level BPE tokenizer with Qwen's chat format, and find the image token."""
+"""Tokenizers: build a small byte-level BPE tokenizer (Qwen's chat format by default, or any family's special
+tokens and template), and find the image token."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -24,9 +26,20 @@ CHATML_TEMPLATE = (
 
 
 def build_tokenizer(
-    texts: Iterable[str], vocab_size: int = 512, chats: Iterable[Sequence[Mapping[str, str]]] = ()
+    texts: Iterable[str],
+    vocab_size: int = 512,
+    chats: Iterable[Sequence[Mapping[str, str]]] = (),
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    chat_template: str = CHATML_TEMPLATE,
+    eos_token: str = IM_END,
+    pad_token: str | None = PAD_TOKEN,
+    bos_token: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` with Qwen's special tokens and a ChatML template.
+
+    The keyword arguments give another family's special tokens (ids 0.. in this order), template, eos, pad
+    (None: the tokenizer has none, as Llama 3's) and bos; the tests build each LM family's tokenizer this way.
 
     ``chats`` (conversations as chat messages) are rendered with that template and trained on as rendered,
     so the role names and the words that open a turn ("user", "assistant", an answer such as "yes") become
@@ -37,20 +50,24 @@ def build_tokenizer(
     Byte-level BPE decodes exactly to the input text (no spacing artefacts), like Qwen's own tokenizer,
     so captions round-trip unchanged through generation and evaluation.
     """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 260 entries")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {256 + len(special_tokens)} "
+            "entries"
+        )
     chats = [list(c) for c in chats]
+    specials = _Specials(tuple(special_tokens), chat_template, eos_token, pad_token, bos_token)
     # The template renders without any vocabulary: one untrained tokenizer renders every chat for training.
-    rendered = _wrap(_byte_level_bpe()).apply_chat_template(chats, tokenize=False) if chats else []
+    rendered = _wrap(_byte_level_bpe(), specials).apply_chat_template(chats, tokenize=False) if chats else []
     tok = _byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([*texts, *rendered], trainer=trainer)
-    return _wrap(tok)
+    return _wrap(tok, specials)
 
 
 def _byte_level_bpe() -> Tokenizer:
@@ -61,16 +78,25 @@ def _byte_level_bpe() -> Tokenizer:
     return tok
 
 
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    """``tok`` as a transformers tokenizer with Qwen's special tokens and the ChatML template."""
+@dataclass(frozen=True)
+class _Specials:
+    tokens: tuple[str, ...]
+    chat_template: str
+    eos: str
+    pad: str | None
+    bos: str | None
+
+
+def _wrap(tok: Tokenizer, specials: _Specials) -> PreTrainedTokenizerFast:
+    """``tok`` as a transformers tokenizer with the given special tokens and chat template."""
+    named = {"eos_token": specials.eos, "pad_token": specials.pad, "bos_token": specials.bos}
+    extra = {"image_token": IMAGE_TOKEN} if IMAGE_TOKEN in specials.tokens else {}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        tokenizer_object=tok, **{k: v for k, v in named.items() if v is not None}, extra_special_tokens=extra
     )
-    fast.add_special_tokens({"additional_special_tokens": [IM_START, IMAGE_TOKEN]})
-    fast.chat_template = CHATML_TEMPLATE
+    others = [t for t in specials.tokens if t not in named.values()]
+    fast.add_special_tokens({"additional_special_tokens": others})
+    fast.chat_template = specials.chat_template
     fast.model_max_length = 1 << 20
     return fast
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from vlmtrain.data.prompt import ChatRenderer, Message, Prompt, stop_token_ids
-from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
+from vlmtrain.data.prompt import ChatRenderer, Message, Prompt
+from vlmtrain.models.masks import decode_mask, position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.vlm import VisionLanguageModel
 
 
@@ -86,8 +86,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.config = config
         self.renderer = ChatRenderer(tokenizer)
-        self.stops = stop_token_ids(tokenizer)
-        self.pad_id = int(tokenizer.pad_token_id)
+        # From the chat template: the turn end first, then eos and pad (a Llama 3 tokenizer has no pad token).
+        self.stops = frozenset(self.renderer.format.stop_ids)
+        self.pad_id = self.renderer.format.pad_id
         self.device = next(model.parameters()).device
         self.lockstep = all_done is not None
         self.all_done: AllDone = all_done or (lambda done: done)
@@ -113,15 +114,14 @@ class Generator:
         return ids.to(self.device), sample_ids.to(self.device), flags.to(self.device)
 
     def _mask(self, sample_ids: torch.Tensor, flags: torch.Tensor, dtype: torch.dtype):
-        return prepare_mask(self.model.attn_backend, self.config.mask_mode, sample_ids, flags, dtype)
+        return prepare_mask(
+            self.model.attn_backend, self.config.mask_mode, sample_ids, flags, dtype, self.model.attn_windows
+        )
 
-    def _step_mask(self, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Mask of one new token per row: it sees every real key of its row (itself included)."""
-        allowed = key_valid[:, None, None, :]
-        if self.model.attn_backend == "eager":
-            out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            return out.masked_fill(~allowed, torch.finfo(dtype).min)
-        return allowed
+    def _step_mask(self, key_valid: torch.Tensor, dtype: torch.dtype):
+        """Mask of one new token per row: it sees every real key of its row (itself included), within the
+        window on sliding layers."""
+        return decode_mask(key_valid, self.model.attn_backend, dtype, self.model.attn_windows)
 
     # ---- logits ---------------------------------------------------------------------------------------
     def _prefill(self, ids, sample_ids, flags, pixel_values, cache):

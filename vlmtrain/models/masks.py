@@ -12,9 +12,18 @@ Modes:
 
 Tokens never attend across samples. A padding query attends only to itself, so no softmax row is empty
 (an all-False row gives NaN in SDPA); its output is ignored by the loss.
+
+Sliding-window layers (Gemma 3: five of every six layers; Qwen2/Mistral when configured) additionally only
+see keys less than `window` positions away. An LM whose layers differ gets a mapping layer type -> mask
+(`attention_windows`, `prepare_mask(..., windows=...)`), which transformers' decoders with `layer_types`
+accept as their public `attention_mask` and hand to each layer by its type: every layer gets the stage's
+mask, a sliding layer intersected with its window.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -40,8 +49,13 @@ def _allowed(
     img_k: torch.Tensor,
     pos_q: torch.Tensor,
     pos_k: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """The mask rule on broadcastable index tensors; shared by the dense and the FlexAttention builders."""
+    """The mask rule on broadcastable index tensors; shared by the dense and the FlexAttention builders.
+
+    `window`: a sliding-window layer's width; keys at distance >= window (either side: image tokens see later
+    image tokens) are masked, as Gemma 3's own bidirectional window rule does.
+    """
     same = (sid_q == sid_k) & (sid_q > 0)
     if mode == "bidirectional":
         rule = same
@@ -51,10 +65,14 @@ def _allowed(
         # An image key is visible to every token of its sample (image tokens see the whole image, text sees
         # the whole image); a text key only to text queries at or after it, so image never sees text.
         rule = same & (img_k | (~img_q & (pos_k <= pos_q)))
+    if window is not None:
+        rule = rule & ((pos_q - pos_k).abs() < window)
     return rule | ((sid_q == 0) & (pos_q == pos_k))
 
 
-def attention_allowed(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor) -> torch.Tensor:
+def attention_allowed(
+    mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
     """Dense boolean mask [B, T, T]: True where query t may attend to key s."""
     _check(mode, sample_ids, image_flags)
     t = sample_ids.shape[1]
@@ -68,24 +86,37 @@ def attention_allowed(mode: MaskMode, sample_ids: torch.Tensor, image_flags: tor
         img[:, None, :],
         pos[None, :, None],
         pos[None, None, :],
+        window,
     )
 
 
-def sdpa_mask(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor) -> torch.Tensor:
-    """Boolean 4D mask [B, 1, T, T] for SDPA, handed to the LM as a prepared `attention_mask`."""
-    return attention_allowed(mode, sample_ids, image_flags)[:, None]
-
-
-def eager_mask(
-    mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, dtype: torch.dtype
+def sdpa_mask(
+    mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, window: int | None = None
 ) -> torch.Tensor:
-    """Additive float 4D mask [B, 1, T, T] (0 where allowed, dtype minimum elsewhere) for eager attention."""
-    allowed = sdpa_mask(mode, sample_ids, image_flags)
+    """Boolean 4D mask [B, 1, T, T] for SDPA, handed to the LM as a prepared `attention_mask`."""
+    return attention_allowed(mode, sample_ids, image_flags, window)[:, None]
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention's additive float mask: 0 where allowed, the dtype minimum elsewhere."""
     out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return out.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def flex_block_mask(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor):  # -> BlockMask
+def eager_mask(
+    mode: MaskMode,
+    sample_ids: torch.Tensor,
+    image_flags: torch.Tensor,
+    dtype: torch.dtype,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Additive float 4D mask [B, 1, T, T] (0 where allowed, dtype minimum elsewhere) for eager attention."""
+    return additive(sdpa_mask(mode, sample_ids, image_flags, window), dtype)
+
+
+def flex_block_mask(
+    mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, window: int | None = None
+):  # -> BlockMask
     """FlexAttention BlockMask with the same rule; blocks that are fully masked are skipped by the kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -94,7 +125,9 @@ def flex_block_mask(mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch
     imgs = image_flags.bool().contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return _allowed(mode, sids[b, q_idx], sids[b, kv_idx], imgs[b, q_idx], imgs[b, kv_idx], q_idx, kv_idx)
+        return _allowed(
+            mode, sids[b, q_idx], sids[b, kv_idx], imgs[b, q_idx], imgs[b, kv_idx], q_idx, kv_idx, window
+        )
 
     b, t = sids.shape
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=sids.device)
@@ -123,17 +156,91 @@ def skipped_block_share(
     return 1.0 - float(tiles.float().mean())
 
 
+Windows = Mapping[str, int | None]  # layer type -> sliding window (None: full attention)
+
+
+def attention_windows(config: Any) -> Windows | None:
+    """Per layer type, the window of an LM config whose layers differ; None when one mask serves every layer.
+
+    Decoders with `config.layer_types` (Gemma 3, Qwen2/3, ...) take a mapping layer type -> mask. A config
+    with a `sliding_window` but no layer types (Mistral) slides on every layer: one windowed mask, keyed "*".
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        sliding = {t for t in types if t != "full_attention"}
+        if not sliding:
+            return None
+        if window is None:
+            raise ValueError(f"{type(config).__name__} has {sorted(sliding)} layers but no sliding_window")
+        return {t: (None if t == "full_attention" else int(window)) for t in sorted(set(types))}
+    return {"*": int(window)} if window else None
+
+
 def prepare_mask(
-    backend: str, mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, dtype: torch.dtype
+    backend: str,
+    mode: MaskMode,
+    sample_ids: torch.Tensor,
+    image_flags: torch.Tensor,
+    dtype: torch.dtype,
+    windows: Windows | None = None,
 ):
-    """The mask in the form the LM's attention backend takes through its public `attention_mask` argument."""
-    if backend == "sdpa":
-        return sdpa_mask(mode, sample_ids, image_flags)
-    if backend == "eager":
-        return eager_mask(mode, sample_ids, image_flags, dtype)
+    """The mask in the form the LM's attention backend takes through its public `attention_mask` argument.
+
+    With `windows` (attention_windows of the LM config): a mapping layer type -> mask, each with its window
+    (one mask per distinct window); for a single "*" entry, that one windowed mask.
+    """
+    if windows is None:
+        return _backend_mask(backend, mode, sample_ids, image_flags, dtype, None)
     if backend == "flex":
-        return flex_block_mask(mode, sample_ids, image_flags)
+        by_window = {w: flex_block_mask(mode, sample_ids, image_flags, w) for w in set(windows.values())}
+    else:
+        # The stage rule once; a window only removes far keys: rule & |q - k| < w (padding keeps its diagonal).
+        base = sdpa_mask(mode, sample_ids, image_flags)
+        by_window = {}
+        for w in set(windows.values()):
+            allowed = base if w is None else base & _band(sample_ids.shape[1], w, sample_ids.device)
+            by_window[w] = additive(allowed, dtype) if backend == "eager" else allowed
+    if set(windows) == {"*"}:
+        return by_window[windows["*"]]
+    return {layer_type: by_window[w] for layer_type, w in windows.items()}
+
+
+def _band(t: int, window: int, device: torch.device) -> torch.Tensor:
+    """[T, T]: True where |q - k| < window."""
+    pos = torch.arange(t, device=device)
+    return (pos[:, None] - pos[None, :]).abs() < window
+
+
+def _backend_mask(backend, mode, sample_ids, image_flags, dtype, window):
+    if backend == "sdpa":
+        return sdpa_mask(mode, sample_ids, image_flags, window)
+    if backend == "eager":
+        return eager_mask(mode, sample_ids, image_flags, dtype, window)
+    if backend == "flex":
+        return flex_block_mask(mode, sample_ids, image_flags, window)
     raise ValueError(f"unknown attention backend {backend!r}; expected sdpa, flex or eager")
+
+
+def decode_mask(key_valid: torch.Tensor, backend: str, dtype: torch.dtype, windows: Windows | None = None):
+    """Mask of one new token per row (cached decoding): it sees every real key of its row, itself included,
+    and on a sliding layer only the keys within the window (the new token is the last column)."""
+    keys = key_valid.shape[1]
+
+    def one(window: int | None) -> torch.Tensor:
+        allowed = key_valid
+        if window is not None:
+            near = torch.arange(keys, device=key_valid.device) > keys - 1 - window
+            allowed = allowed & near
+        allowed = allowed[:, None, None, :]
+        return additive(allowed, dtype) if backend == "eager" else allowed
+
+    if windows is None:
+        return one(None)
+    by_window = {w: one(w) for w in set(windows.values())}
+    if set(windows) == {"*"}:
+        return by_window[windows["*"]]
+    return {layer_type: by_window[w] for layer_type, w in windows.items()}
 
 
 def position_ids_from_sample_ids(sample_ids: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from vlmtrain.durable import fsync_file, replace_durably, write_text_durably
 from vlmtrain.models.language import language_config_from_dict, load_language_model, resolve_attn_backend
 from vlmtrain.models.loss import supervised_index as find_supervised
 from vlmtrain.models.loss import token_losses
-from vlmtrain.models.masks import position_ids_from_sample_ids, prepare_mask
+from vlmtrain.models.masks import attention_windows, position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.projector import Projector
 from vlmtrain.models.vision import load_vision_tower, num_patches, select_features
 from vlmtrain.precision import LOAD_DTYPE
@@ -72,6 +72,8 @@ class VisionLanguageModel(nn.Module):
         self.vision_feature_layer = vision_feature_layer
         self.attn_backend = attn_backend
         self.num_image_tokens = num_patches(vision.config)
+        # Sliding-window layers (Gemma 3) get the stage mask intersected with their window, per layer type.
+        self.attn_windows = attention_windows(language.config)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -157,7 +159,9 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, image_flags, pixel_values)
         if position_ids is None:
             position_ids = position_ids_from_sample_ids(sample_ids)
-        mask = prepare_mask(self.attn_backend, mask_mode, sample_ids, image_flags, embeds.dtype)
+        mask = prepare_mask(
+            self.attn_backend, mask_mode, sample_ids, image_flags, embeds.dtype, self.attn_windows
+        )
         hidden = self.language.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [B, T, D]

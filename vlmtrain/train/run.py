@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from vlmtrain.config.load import stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
+from vlmtrain.data.chat_format import prepare_tokenizer
 from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
@@ -31,6 +32,7 @@ def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionL
     init = resolve_init(stage, run_dir)
     if init is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(init))
+        prepare_tokenizer(tokenizer, stage.model.chat_template)
         model = VisionLanguageModel.from_pretrained(init, attn_backend=stage.model.attn_backend)
         return model, tokenizer
     source = stage.model.tokenizer or stage.model.language
@@ -39,6 +41,8 @@ def load_model_and_tokenizer(stage: StageConfig, run_dir: Path) -> tuple[VisionL
             f"stage {stage.name}: model.tokenizer is required when the LM is built from a config"
         )
     tokenizer = AutoTokenizer.from_pretrained(source)
+    # The chat format (turn end, pad) before anything tokenizes; a base LM without a template fails here.
+    prepare_tokenizer(tokenizer, stage.model.chat_template)
     torch.manual_seed(stage.train.seed)
     return VisionLanguageModel.from_config(stage.model, tokenizer), tokenizer
 
