@@ -90,6 +90,21 @@ def test_default_export_of_a_prefix_model_ships_the_remote_class(prefix_export):
     )
 
 
+def test_export_refuses_what_cannot_take_the_prefix_mask(prefix_export):
+    """Flash attention cannot take the image block (refused at load); a static cache prepares a causal mask
+    before the forward (an error at the prefill, never a silently causal generation)."""
+    root, _, paths, _ = prefix_export
+    with pytest.raises(ValueError, match="does not support Flash Attention"):
+        AutoModelForImageTextToText.from_pretrained(
+            str(root / "hf"), trust_remote_code=True, attn_implementation="flash_attention_2"
+        )
+    hf, processor = load_export(root / "hf")
+    text = processor.apply_chat_template(chat(CAPTION_PROMPT), add_generation_prompt=True)
+    inputs = processor(images=Image.open(paths[0]), text=text, return_tensors="pt")
+    with pytest.raises(ValueError, match="default dynamic cache"):
+        hf.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_export_prefill_logits_equal_vlmtrain_prefix_forward(prefix_export, attn):
     """Two rows (different images, prompts of different lengths, right padding): the export's logits equal
