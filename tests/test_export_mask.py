@@ -275,7 +275,7 @@ def test_export_cli_formats_and_errors(tiny_model, tokenizer, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "config.json").read_text())["prefill_mask"] == "causal"
     r = run("--out", tmp_path / "a")
-    assert r.exit_code == 1 and "not empty" in " ".join(r.output.split()), r.output
+    assert r.exit_code == 1 and "not an empty folder" in " ".join(r.output.split()), r.output
     r = run("--out", tmp_path / "c", "--format", "hf")
     assert r.exit_code == 2 and "llava" in r.output, r.output
     assert not (tmp_path / "c").exists()
@@ -408,3 +408,25 @@ def test_prefix_mask_matches_vlmtrain_masks_with_padding_and_sliding_layers(slid
         block = flags[:, :, None] & flags[:, None, :]
         brute = (window[None] | block) & real[:, None, :]
         assert torch.equal(mask["sliding_attention"][:, 0][real], brute[real])
+
+
+def test_export_takes_preprocessing_recorded_in_the_checkpoint(tiny_model, tokenizer, tmp_path):
+    """vlm_config.json's `preprocessing` (written by the tower family) sets the processor's size, mean and std:
+    its pixels equal vlmtrain's ImageTransform with those values; a malformed entry is an error naming it."""
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(str(tmp_path / "ckpt"))
+    cfg_path = tmp_path / "ckpt" / "vlm_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    recorded = {"image_size": 32, "mean": [0.48, 0.45, 0.4], "std": [0.27, 0.26, 0.28]}
+    cfg_path.write_text(json.dumps({**cfg, "preprocessing": recorded}))
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    expected = ImageTransform(32, tuple(recorded["mean"]), tuple(recorded["std"]))(image)[None]
+    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(pixels, ImageTransform(32)(image)[None], atol=1e-2)
+
+    cfg_path.write_text(json.dumps({**cfg, "preprocessing": {"image_size": 32}}))
+    with pytest.raises(ValueError, match=r"ckpt/vlm_config\.json: `preprocessing` must be an object with"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf2")

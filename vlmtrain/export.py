@@ -19,6 +19,7 @@ with `pipeline("image-text-to-text", ...)`. The folder's README.md says which fo
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import warnings
@@ -61,7 +62,7 @@ def feature_layout(model: VisionLanguageModel) -> tuple[int, int]:
 
 
 def tower_preprocessing(
-    model: VisionLanguageModel, vlm_config: dict[str, Any] | None = None
+    model: VisionLanguageModel, vlm_config: dict[str, Any] | None = None, source: str = CONFIG_NAME
 ) -> ImageTransform:
     """The image transform the model was trained with: vlm_config.json's `preprocessing` (`image_size`, `mean`,
     `std`) when the checkpoint records it, else SigLIP's (the tower's image_size, mean = std = 0.5)."""
@@ -71,7 +72,7 @@ def tower_preprocessing(
     keys = {"image_size", "mean", "std"}
     if not isinstance(recorded, dict) or not keys <= recorded.keys():
         raise ValueError(
-            f"{CONFIG_NAME}: `preprocessing` must be an object with {sorted(keys)}, got {recorded!r}; "
+            f"{source}: `preprocessing` must be an object with {sorted(keys)}, got {recorded!r}; "
             "re-save the checkpoint with this vlmtrain version"
         )
     return ImageTransform(
@@ -192,6 +193,7 @@ def build_processor(model: VisionLanguageModel, tokenizer, transform: ImageTrans
     # One template for tokenizer and processor (they share chat_template.jinja): string content renders as
     # the tokenizer's own template did in training, multimodal content as well, with the image first.
     template = multimodal_chat_template(tokenizer.chat_template)
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
     tokenizer.chat_template = template
     return LlavaProcessor(
         image_processor=image_processor,
@@ -285,8 +287,10 @@ def export_model(
 ) -> Path:
     """Write `model` as an export of format `fmt` into the new folder `out` (built beside it, then renamed)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out folder or remove it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out} exists and is not an empty folder; choose a new --out folder or remove it"
+        )
     mask = prefill_mask(trained)
     skip, k = feature_layout(model)
     fmt = choose_format(fmt, mask, skip, k)
@@ -326,5 +330,5 @@ def export_hf(checkpoint: Path, out: Path, fmt: Format = "auto") -> Path:
     model = VisionLanguageModel.from_pretrained(checkpoint, attn_backend="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     vlm_config = json.loads((checkpoint / CONFIG_NAME).read_text())
-    transform = tower_preprocessing(model, vlm_config)
+    transform = tower_preprocessing(model, vlm_config, str(checkpoint / CONFIG_NAME))
     return export_model(model, tokenizer, out, fmt, trained_mask(checkpoint), transform)
