@@ -66,6 +66,8 @@ class Projector(nn.Module):
 
 
 class VlmtrainLlavaModel(LlavaModel):
+    """LlavaModel whose image features and image-prefill mask are vlmtrain's."""
+
     def __init__(self, config: VlmtrainLlavaConfig) -> None:
         super().__init__(config)
         if config.pixel_shuffle > 1:  # LLaVA's projector takes d_vision inputs; these are k*k*d_vision wide
@@ -127,6 +129,8 @@ class VlmtrainLlavaModel(LlavaModel):
 
 
 class VlmtrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LlavaForConditionalGeneration on VlmtrainLlavaModel; generate() and pipelines work unchanged."""
+
     config_class = VlmtrainLlavaConfig
     _supports_flash_attn = False  # flash attention cannot take the bidirectional image block
 
