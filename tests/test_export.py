@@ -1,4 +1,4 @@
-"""Export to transformers: the exported folder loads with LLaVA's own classes and gives equal logits (causal)."""
+"""`--format llava` export: the folder loads with LLaVA's own classes and gives equal logits (causal)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,23 @@ from vlmtrain.data.tokenizer import IMAGE_TOKEN
 from vlmtrain.export import export_hf
 
 
+def write_stage_config(checkpoint, mode: str) -> None:
+    """The stage_config.json a stage trained with mask `mode` leaves in its output (stage 3's, mask replaced)."""
+    import dataclasses
+    import json
+
+    from vlmtrain.config.load import STAGE_CONFIG_NAME, load_stage_config, stage_config_to_dict
+
+    cfg = load_stage_config(3)
+    cfg = dataclasses.replace(cfg, mask=dataclasses.replace(cfg.mask, mode=mode, noise_ratio=0.0))
+    (checkpoint / STAGE_CONFIG_NAME).write_text(json.dumps(stage_config_to_dict(cfg), indent=2))
+
+
 def test_export_loads_in_transformers_with_equal_logits(tiny_model, tokenizer, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(str(tmp_path / "ckpt"))
-    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", "llava")
+    assert "trust_remote_code | not needed" in (tmp_path / "hf" / "README.md").read_text()
 
     llava = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
     processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
@@ -72,9 +85,10 @@ def caption_images(folder) -> list:
     return paths
 
 
-def train_tiny_captioner(model, tokenizer, paths, steps: int = 100):
+def train_tiny_captioner(model, tokenizer, paths, steps: int = 100, mask: str = "causal"):
     """Overfit the tiny model on (image, caption) through the training path (SampleProcessor + collate), with
-    the causal mask transformers' LLaVA runs, so that greedy captions are real text ending in <|im_end|>."""
+    `mask` (causal: the mask transformers' LLaVA runs), so that greedy captions are real text ending in
+    <|im_end|>."""
     import json
 
     from vlmtrain.data.collate import pad_collate
@@ -106,7 +120,7 @@ def train_tiny_captioner(model, tokenizer, paths, steps: int = 100):
     torch.set_num_threads(1)  # a 125k-parameter model: more threads only contend on a shared CPU
     try:
         for _ in range(steps):
-            out = model(**batch, mask_mode="causal")
+            out = model(**batch, mask_mode=mask)
             opt.zero_grad()
             out.loss.backward()
             opt.step()
@@ -117,6 +131,8 @@ def train_tiny_captioner(model, tokenizer, paths, steps: int = 100):
 
 @pytest.fixture(scope="module")
 def trained_export(tmp_path_factory, tokenizer, tiny_model_config):
+    import json
+
     from vlmtrain.models.vlm import VisionLanguageModel
 
     root = tmp_path_factory.mktemp("dropin")
@@ -126,7 +142,10 @@ def trained_export(tmp_path_factory, tokenizer, tiny_model_config):
     model, loss = train_tiny_captioner(model, tokenizer, paths)
     model.save_pretrained(root / "ckpt")
     tokenizer.save_pretrained(str(root / "ckpt"))
-    export_hf(root / "ckpt", root / "hf")
+    write_stage_config(root / "ckpt", "causal")
+    export_hf(root / "ckpt", root / "hf")  # auto: a causal-trained model gets the stock class
+    config = json.loads((root / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llava" and "auto_map" not in config
     return root, paths, loss
 
 

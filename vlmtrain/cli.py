@@ -470,21 +470,27 @@ def ask(
 @app.command()
 def export(
     checkpoint: Path = CheckpointOpt,
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder (new or empty)."),
     fmt: str = typer.Option(
-        "hf", "--format", help="hf: transformers LlavaForConditionalGeneration + processor."
+        "auto",
+        "--format",
+        help="vlmtrain: LLaVA subclass shipped in the folder (trust_remote_code=True) that keeps the trained "
+        "mask, so transformers equals vlmtrain. llava: stock LlavaForConditionalGeneration, always causal "
+        "(for vLLM, llama.cpp converters). auto: llava for a causal-trained model it can express, else vlmtrain.",
     ),
 ) -> None:
-    """Export a trained model to a format other tools load."""
-    from vlmtrain.export import export_hf
+    """Export a trained model to a folder transformers loads (AutoModelForImageTextToText, AutoProcessor)."""
+    from vlmtrain.export import FORMATS, export_hf
 
-    if fmt != "hf":
-        raise typer.BadParameter("only `hf` is supported", param_hint="--format")
+    if fmt not in FORMATS:
+        hint = " (`hf` is now `llava`)" if fmt == "hf" else ""
+        raise typer.BadParameter(f"expected one of {', '.join(FORMATS)}{hint}", param_hint="--format")
     try:
-        path = export_hf(checkpoint, out)
-    except FileNotFoundError as err:
+        path = export_hf(checkpoint, out, fmt)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         _fail(err)
-    console.print(f"exported to {path} (LlavaForConditionalGeneration + AutoProcessor)")
+    first = (path / "README.md").read_text().splitlines()[0].lstrip("# ")
+    console.print(f"exported to {path}: {first} (see its README.md)")
 
 
 def _positive_ints(text: str, n: int, hint: str) -> tuple[int, ...]:
