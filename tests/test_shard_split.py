@@ -28,7 +28,7 @@ from vlmtrain.data.slots import (
 )
 
 RANKS = (1, 8, 64, 256, 1024)
-WORKERS = (1, 2, 4, 8)
+WORKERS = tuple(range(1, 9))
 SHARDS = (1, 2, 3, 7, 119, 1000, 10_000)
 
 
