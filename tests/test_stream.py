@@ -432,7 +432,7 @@ def test_world_size_change_deals_the_remainder_evenly_and_resumes_exactly(
     left = [
         sum(
             sizes[s.name] - consumed.get(s.name, 0)
-            for s in (r.shards[i] for i in r.dataset().assigned(r.rank, 0))
+            for s in (r.shards[u.shard] for u in r.dataset().assigned(r.rank, 0))
         )
         for r in ranks
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vlmtrain.data.order import permutation
@@ -21,6 +22,7 @@ STATE_VERSION = 1
 # Counter families carried in batches and in the state; all add up exactly once per consumed sample.
 COUNTER_KINDS = ("skipped", "truncated", "ignored_members")
 DEFAULT_OPEN_SHARDS = 4
+UNIT_SEP = "@"
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -50,6 +52,113 @@ def balanced_slots(order: Sequence[str], remaining: Mapping[str, int], num_slots
         out[name] = slot
         load[slot] += remaining[name]
     return out
+
+
+# ---- reading below the shard: units --------------------------------------------------------------------------
+# With fewer shards than slots, shard-level dealing would leave slots idle (a whole rank without data at 64
+# ranks x 4 workers over COCO's 119 shards). Then an epoch is dealt in *units*: a unit is positions [lo, hi) of
+# one shard's epoch sample order, several slots read one shard (each reads the whole tar and takes its own
+# positions), and every slot gets the same number of samples, within one. A unit's consumption is a prefix of its
+# positions, counted under its key: the shard's name for lo = 0 (as shard-level reading counts it), else
+# "name@lo". So the positions an epoch consumed are a union of prefixes, whatever topology dealt them, and the
+# rest can be dealt again to any number of slots.
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Positions [lo, hi) of shard `shard`'s epoch sample order that one slot reads; `key` counts its progress."""
+
+    shard: int
+    lo: int
+    hi: int | None
+    """None: to the shard's end (shard-level reading, where a shard's size may be unknown until it is read)."""
+    key: str
+
+
+def unit_key(name: str, lo: int) -> str:
+    """The state key of a unit starting at position `lo` of shard `name` (the bare name when lo = 0)."""
+    return name if lo == 0 else f"{name}{UNIT_SEP}{lo}"
+
+
+def key_start(key: str) -> tuple[str, int]:
+    """(shard name, first position) of a unit key (manifest shard names never contain UNIT_SEP)."""
+    name, sep, lo = key.rpartition(UNIT_SEP)
+    return (name, int(lo)) if sep and lo.isdigit() else (key, 0)
+
+
+def splits_shards(num_shards: int, num_slots: int, sizes_known: bool) -> bool:
+    """Whether epochs are dealt in units below the shard: fewer shards than slots, and every size known."""
+    return num_shards < num_slots and sizes_known
+
+
+def deal_pieces(
+    pieces: Sequence[tuple[int, int, int]], names: Sequence[str], num_slots: int
+) -> list[list[Unit]]:
+    """Units of every slot: the pieces (shard, lo, hi), concatenated in order, cut into `num_slots` contiguous
+    runs of floor/ceil(total / slots) samples. Each position lands in exactly one unit; slots differ by one
+    sample at most; a slot's units are in piece order."""
+    total = sum(hi - lo for _, lo, hi in pieces)
+    out: list[list[Unit]] = [[] for _ in range(num_slots)]
+    at = 0  # global offset of the current piece
+    for shard, lo, hi in pieces:
+        length = hi - lo
+        # the slots whose runs [k * total // S, (k + 1) * total // S) meet [at, at + length)
+        first = (at * num_slots) // total if total else 0
+        for slot in range(first, num_slots):
+            begin, end = slot * total // num_slots, (slot + 1) * total // num_slots
+            if begin >= at + length:
+                break
+            a, b = max(begin, at), min(end, at + length)
+            if a < b:
+                start = lo + a - at
+                out[slot].append(Unit(shard, start, lo + b - at, unit_key(names[shard], start)))
+        at += length
+    return out
+
+
+def epoch_units(
+    names: Sequence[str], sizes: Sequence[int], num_slots: int, seed: int, epoch: int, shuffle: bool
+) -> list[list[Unit]]:
+    """A fresh epoch's units for every slot: the shards in the epoch's order, cut into equal runs."""
+    order = shard_order(len(names), seed, epoch, shuffle)
+    return deal_pieces([(i, 0, sizes[i]) for i in order], names, num_slots)
+
+
+def remaining_pieces(
+    names: Sequence[str], sizes: Sequence[int], order: Sequence[int], consumed: Mapping[str, int]
+) -> list[tuple[int, int, int]]:
+    """(shard, lo, hi) runs of positions an epoch has not consumed, in the epoch's shard order: each shard's
+    positions [0, size) less the consumed prefix [lo, lo + n) of every unit key of it."""
+    taken: dict[str, list[tuple[int, int]]] = {}
+    for key, n in consumed.items():
+        name, lo = key_start(key)
+        if n:
+            taken.setdefault(name, []).append((lo, lo + n))
+    pieces = []
+    for i in order:
+        at = 0
+        for lo, hi in sorted(taken.get(names[i], [])):
+            if lo > at:
+                pieces.append((i, at, lo))
+            at = max(at, hi)
+        if at < sizes[i]:
+            pieces.append((i, at, sizes[i]))
+    return pieces
+
+
+def redeal_units(
+    names: Sequence[str],
+    sizes: Sequence[int],
+    consumed: Mapping[str, int],
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    num_slots: int,
+) -> dict[str, tuple[int, int]]:
+    """An interrupted epoch's remaining positions dealt to `num_slots` slots: unit key -> (slot, hi)."""
+    order = shard_order(len(names), seed, epoch, shuffle)
+    dealt = deal_pieces(remaining_pieces(names, sizes, order, consumed), names, num_slots)
+    return {u.key: (slot, u.hi) for slot, units in enumerate(dealt) for u in units if u.hi is not None}
 
 
 def sample_order(num_samples: int, seed: int, epoch: int, shard: str, shuffle: bool) -> list[int]:
@@ -88,6 +197,13 @@ def epoch_slots_json(epoch_slots: dict[int, dict[str, int]], slots: int) -> dict
     }
 
 
+def epoch_units_json(epoch_units: dict[int, dict[str, tuple[int, int]]], slots: int) -> dict[str, Any]:
+    return {
+        str(e): {"slots": slots, "units": {k: list(v) for k, v in sorted(d.items())}}
+        for e, d in sorted(epoch_units.items())
+    }
+
+
 def check_state(state: dict[str, Any]) -> None:
     required = (
         "version", "seed", "shuffle", "world_size", "workers_per_rank", "ranks", "epoch_consumed",
@@ -119,6 +235,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "workers_per_rank",
         "base_counters",
         "epoch_slots",
+        "epoch_units",
     ):
         values = {json.dumps(s.get(key), sort_keys=True) for s in states}
         if len(values) > 1:
@@ -166,6 +283,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             sorted({k: v for s in states for k, v in s.get("corrupt_shards", {}).items()}.items())
         ),
         "epoch_slots": first.get("epoch_slots", {}),
+        "epoch_units": first.get("epoch_units", {}),
     }
 
 

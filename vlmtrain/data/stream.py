@@ -46,15 +46,21 @@ from vlmtrain.data.slots import (  # noqa: F401  (re-exported: merge_states, mer
     COUNTER_KINDS,
     DEFAULT_OPEN_SHARDS,
     STATE_VERSION,
+    Unit,
     balanced_slots,
     check_state,
     epoch_slots_json,
+    epoch_units,
+    epoch_units_json,
+    key_start,
     merge_data_faults,
     merge_states,
     redeal,
+    redeal_units,
     sample_order,
     shard_order,
     slot_shards,
+    splits_shards,
 )
 from vlmtrain.data.sources import (  # noqa: F401  (re-exported: the names callers used before the split)
     PIPE,
@@ -89,18 +95,19 @@ class _Pending:
     """Samples and accounting gathered for the next batch of one slot."""
 
     samples: list[ProcessedSample] = field(default_factory=list)
-    advance: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    advance: dict[tuple[int, str], tuple[str, int, list[int]]] = field(default_factory=dict)
     counters: dict[str, Counter[str]] = field(default_factory=lambda: {k: Counter() for k in COUNTER_KINDS})
     corrupt: dict[str, str] = field(default_factory=dict)
 
-    def consume(self, epoch: int, shard: str, total: int, n: int = 1) -> None:
-        self.advance.setdefault((epoch, shard), [0, total])[0] += n
+    def consume(self, epoch: int, key: str, shard: str, total: int, n: int = 1) -> None:
+        """`n` more positions of unit `key` (of shard `shard`, `total` positions in all) consumed."""
+        self.advance.setdefault((epoch, key), (shard, total, [0]))[2][0] += n
 
     def meta(self, slot: int, role: int) -> dict[str, Any]:
         return {
             "slot": slot,
             "role": role,
-            "advance": [(e, s, n, total) for (e, s), (n, total) in self.advance.items()],
+            "advance": [(e, k, s, n, total) for (e, k), (s, total, (n,)) in self.advance.items()],
             **{k: dict(c) for k, c in self.counters.items()},
             "corrupt": dict(self.corrupt),
         }
@@ -112,6 +119,8 @@ class _Draw:
 
     epoch: int
     raw: RawSample
+    key: str
+    """The unit's state key (the shard's name when the slot reads the whole shard)."""
     total: int
     """Positions of the shard's epoch order (its manifest size)."""
     ignored: list[str]
@@ -122,27 +131,38 @@ class _Lost:
     """A damaged shard just opened: its lost samples, consumed at once as corrupt_shard skips."""
 
     epoch: int
+    key: str
     shard: str
     total: int
     lost: int
-    """Lost positions not consumed yet (0 when an earlier run already consumed them)."""
+    """The unit's lost positions not consumed yet (0 when an earlier run already consumed them)."""
     damage: str
 
 
 @dataclass
 class _OpenShard:
-    """A shard a slot is reading: its samples in memory and how far this epoch's order has got.
+    """A unit a slot is reading: its shard's samples in memory and how far the unit's positions have got.
 
-    Positions ``[0, lost)`` of the epoch order are the samples the shard lost (they come first so they are
-    consumed the moment the damage is seen); position ``p >= lost`` is sample ``order[p - lost]``.
+    Positions ``[0, lost)`` of the shard's epoch order are the samples the shard lost (they come first so they
+    are consumed the moment the damage is seen); position ``p >= lost`` is sample ``order[p - lost]``. The unit
+    reads positions ``[lo, lo + size)``; ``done`` of them are consumed.
     """
 
     info: ShardInfo
     contents: ShardSamples
     order: list[int]
     lost: int
+    lo: int
     size: int
     done: int
+    total: int
+    """Positions of the whole shard (its manifest size)."""
+    key: str
+
+    @property
+    def unread_lost(self) -> int:
+        """Lost positions of the unit not consumed yet."""
+        return max(0, min(self.lost, self.lo + self.size) - (self.lo + self.done))
 
     @property
     def remaining(self) -> int:
@@ -176,9 +196,12 @@ class ShardStream(IterableDataset):
         role_offset: int,
         open_shards: int = DEFAULT_OPEN_SHARDS,
         epoch_slots: dict[int, dict[str, int]] | None = None,
+        split: bool = False,
+        epoch_units: dict[int, dict[str, tuple[int, int]]] | None = None,
     ) -> None:
-        """``epoch_slots``: epoch -> shard -> slot for epochs re-dealt by a world-size change (others are
-        round-robin over the epoch's shard order)."""
+        """``epoch_slots``: epoch -> shard -> slot for epochs re-dealt by a world-size change; ``epoch_units``:
+        epoch -> unit key -> (slot, end) for epochs re-dealt below the shard; ``split``: fresh epochs are dealt
+        in units (slots.splits_shards). Other epochs are round-robin over the epoch's shard order."""
         super().__init__()
         self.shards = list(shards)
         self.processor = processor
@@ -195,18 +218,35 @@ class ShardStream(IterableDataset):
         self.role_offset = role_offset
         self.open_shards = open_shards
         self.epoch_slots = epoch_slots or {}
+        self.split = split
+        self.epoch_units = epoch_units or {}
+        self.names = [s.name for s in self.shards]
 
     @property
     def num_slots(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def assigned(self, slot: int, epoch: int) -> list[int]:
-        """Shard indices ``slot`` reads in ``epoch``, in the epoch's order."""
-        dealt = self.epoch_slots.get(epoch)
-        if dealt is None:
-            return slot_shards(len(self.shards), self.num_slots, slot, self.seed, epoch, self.shuffle)
+    def assigned(self, slot: int, epoch: int) -> list[Unit]:
+        """The units ``slot`` reads in ``epoch``, in the epoch's order (whole shards unless split)."""
         order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
-        return [i for i in order if dealt[self.shards[i].name] == slot]
+        stored = self.epoch_units.get(epoch)
+        if stored is not None:
+            index = {name: i for i, name in enumerate(self.names)}
+            place = {shard: at for at, shard in enumerate(order)}
+            units = [
+                Unit(index[key_start(key)[0]], key_start(key)[1], hi, key)
+                for key, (owner, hi) in stored.items()
+                if owner == slot
+            ]
+            return sorted(units, key=lambda u: (place[u.shard], u.lo))
+        dealt = self.epoch_slots.get(epoch)
+        if dealt is not None:
+            return [Unit(i, 0, None, self.names[i]) for i in order if dealt[self.names[i]] == slot]
+        if self.split:
+            sizes = [int(s.samples) for s in self.shards]  # type: ignore[arg-type]  (split: all known)
+            return epoch_units(self.names, sizes, self.num_slots, self.seed, epoch, self.shuffle)[slot]
+        indices = slot_shards(len(self.shards), self.num_slots, slot, self.seed, epoch, self.shuffle)
+        return [Unit(i, 0, None, self.names[i]) for i in indices]
 
     def __iter__(self) -> Generator[Batch, None, None]:
         info = get_worker_info()
@@ -221,13 +261,13 @@ class ShardStream(IterableDataset):
         kept = [0]  # shared with _raw_samples, which runs interleaved with this loop
         for item in self._raw_samples(slot, kept):
             if isinstance(item, _Lost):
-                pending.consume(item.epoch, item.shard, item.total, item.lost)
+                pending.consume(item.epoch, item.key, item.shard, item.total, item.lost)
                 if item.lost:
                     pending.counters["skipped"][CORRUPT] += item.lost
                 pending.corrupt[item.shard] = item.damage
                 continue
             raw = item.raw
-            pending.consume(item.epoch, raw.shard, item.total)
+            pending.consume(item.epoch, item.key, raw.shard, item.total)
             pending.counters["ignored_members"].update(item.ignored)
             result = self.processor(raw)
             if isinstance(result, Skip):
@@ -270,39 +310,40 @@ class ShardStream(IterableDataset):
             assigned = self.assigned(slot, epoch)
             if not assigned:
                 return  # an idle slot: fewer shards than slots
-            fresh = not any(self.consumed.get(epoch, {}).get(self.shards[i].name) for i in assigned)
+            fresh = not any(self.consumed.get(epoch, {}).get(u.key) for u in assigned)
             kept_before = kept[0]
-            yield from self._epoch_samples(slot, epoch, [self.shards[i] for i in assigned])
+            yield from self._epoch_samples(slot, epoch, assigned)
             if not self.resample:
                 return
             if fresh and kept[0] == kept_before:
                 raise ShardError(
-                    f"slot {slot}: no usable sample in its shards {[self.shards[i].name for i in assigned]} in "
+                    f"slot {slot}: no usable sample in its shards {[u.key for u in assigned]} in "
                     f"epoch {epoch} (empty, or every sample skipped: see the skip warnings); an endless "
                     "(resample=True) stream would never yield a batch"
                 )
             epoch += 1
 
-    def _epoch_samples(self, slot: int, epoch: int, shards: list[ShardInfo]) -> Iterator[_Draw | _Lost]:
-        """One epoch of a slot: its first K unfinished shards open, each draw weighted by what they have left.
+    def _epoch_samples(self, slot: int, epoch: int, units: list[Unit]) -> Iterator[_Draw | _Lost]:
+        """One epoch of a slot: its first K unfinished units open, each draw weighted by what they have left.
 
-        The open set (the first ``open_shards`` unfinished shards in list order) and the draw (seeded by the
+        The open set (the first ``open_shards`` unfinished units in list order) and the draw (seeded by the
         samples the slot drew so far this epoch) depend only on the consumed counts, which the state saves:
         a loader resumed from any state continues with exactly the draws the saved one would have made.
         """
         consumed = self.consumed.get(epoch, {})
-        drawn = sum(consumed.get(s.name, 0) for s in shards)
+        drawn = sum(consumed.get(u.key, 0) for u in units)
         width = self.open_shards if self.shuffle else 1  # shuffle=False (evaluation): list order, tar order
-        queue = iter(shards)
+        queue = iter(units)
         opened: list[_OpenShard] = []
         while True:
-            while len(opened) < width and (info := next(queue, None)) is not None:
-                shard = self._open(info, epoch, consumed.get(info.name, 0))
+            while len(opened) < width and (unit := next(queue, None)) is not None:
+                shard = self._open(unit, epoch, consumed.get(unit.key, 0))
                 if shard is None:
                     continue
                 if shard.contents.damage is not None:
-                    lost = max(0, shard.lost - shard.done)
-                    yield _Lost(epoch, info.name, shard.size, lost, f"{info.path}: {shard.contents.damage}")
+                    lost = shard.unread_lost
+                    damage = f"{shard.info.path}: {shard.contents.damage}"
+                    yield _Lost(epoch, unit.key, shard.info.name, shard.total, lost, damage)
                     shard.done += lost
                     drawn += lost
                 if shard.remaining > 0:
@@ -316,23 +357,25 @@ class ShardStream(IterableDataset):
                     if r < pick.remaining:
                         break
                     r -= pick.remaining
-            i = pick.order[pick.done - pick.lost]
+            i = pick.order[pick.lo + pick.done - pick.lost]
             pick.done += 1
             drawn += 1
             if pick.remaining == 0:
                 opened.remove(pick)
             contents = pick.contents
             raw = RawSample(contents.keys[i], pick.info.name, i, contents.members[i], epoch)
-            yield _Draw(epoch, raw, pick.size, contents.ignored[i])
+            yield _Draw(epoch, raw, pick.key, pick.total, contents.ignored[i])
 
-    def _open(self, shard: ShardInfo, epoch: int, done: int) -> _OpenShard | None:
-        """The shard read into memory with its epoch order, or None when this epoch already finished it.
+    def _open(self, unit: Unit, epoch: int, done: int) -> _OpenShard | None:
+        """The unit's shard read into memory with its epoch order, or None when this epoch already finished it.
 
         A shard holding fewer samples than its known size lost the difference; one of unknown size that is
         damaged counts one lost sample (a position of its own, so resume never counts it twice).
         """
+        shard = self.shards[unit.shard]
         expected = shard.samples if shard.samples is not None else self.known_samples.get(shard.name)
-        if expected is not None and done >= expected:
+        end = unit.hi if unit.hi is not None else expected
+        if end is not None and done >= end - unit.lo:
             return None  # fully consumed: not even read
         contents = read_shard(shard.path, shard.sha256)
         readable = len(contents)
@@ -346,7 +389,10 @@ class ShardStream(IterableDataset):
             readable, expected
         )  # a shard with more samples than its manifest: the extra are unused
         order = sample_order(readable, self.seed, epoch, shard.name, self.shuffle)
-        return _OpenShard(shard, contents, order, expected - readable, expected, done)
+        end = unit.hi if unit.hi is not None else expected
+        return _OpenShard(
+            shard, contents, order, expected - readable, unit.lo, end - unit.lo, done, expected, unit.key
+        )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -439,6 +485,14 @@ class StreamLoader:
         self._batches = 0
         self._corrupt: dict[str, str] = {}
         self._epoch_slots: dict[int, dict[str, int]] = {}
+        self._epoch_units: dict[int, dict[str, tuple[int, int]]] = {}
+        # Below the shard only with every size known up front (a manifest): the deal is then a pure function of
+        # the sizes, the same on every rank and in every resume.
+        self._split = splits_shards(
+            len(self.shards),
+            self.world_size * self.workers_per_rank,
+            all(s.samples is not None for s in self.shards),
+        )
         if state is not None:
             self._load(state)
         self._check_slots()
@@ -483,12 +537,26 @@ class StreamLoader:
         if len(self.shards) >= slots:
             return
         first = self.rank * self.workers_per_rank
-        idle_here = min(self.workers_per_rank, max(0, first + self.workers_per_rank - len(self.shards)))
-        message = (
-            f"{len(self.shards)} shards for {self.world_size} ranks x {self.workers_per_rank} workers = {slots} "
-            f"slots: {slots - len(self.shards)} slot(s) read nothing ({idle_here} of rank {self.rank}'s "
-            f"{self.workers_per_rank}). Write more, smaller shards or use fewer workers."
-        )
+        mine = range(first, first + self.workers_per_rank)
+        if self._split:
+            # Every slot reads its own positions of the shards; a slot is idle only with fewer samples than slots.
+            total = sum(int(s.samples) for s in self.shards)  # type: ignore[arg-type]
+            idle_here = sum(1 for k in mine if (k + 1) * total // slots == k * total // slots)
+            if not idle_here:
+                return
+            message = (
+                f"{total} samples in {len(self.shards)} shards for {slots} slots ({self.world_size} ranks x "
+                f"{self.workers_per_rank} workers): {idle_here} of rank {self.rank}'s slots read nothing. Use fewer "
+                "workers or ranks, or more data."
+            )
+        else:
+            idle_here = sum(1 for k in mine if k >= len(self.shards))
+            message = (
+                f"{len(self.shards)} shards for {self.world_size} ranks x {self.workers_per_rank} workers = {slots} "
+                f"slots: {slots - len(self.shards)} slot(s) read nothing ({idle_here} of rank {self.rank}'s "
+                f"{self.workers_per_rank}). With a manifest (sample counts known) the slots would share shards; "
+                "with a pattern, write more, smaller shards or use fewer workers."
+            )
         if idle_here == self.workers_per_rank and self.resample:
             raise ValueError(message + " This rank would get no data at all while the others train.")
         warnings.warn(message, stacklevel=3)
@@ -513,6 +581,8 @@ class StreamLoader:
             role_offset=self._next_role,
             open_shards=self.open_shards,
             epoch_slots={e: dict(d) for e, d in self._epoch_slots.items()},
+            split=self._split,
+            epoch_units={e: dict(d) for e, d in self._epoch_units.items()},
         )
 
     def __iter__(self) -> Generator[Batch, None, None]:
@@ -545,9 +615,9 @@ class StreamLoader:
                 shutdown()
 
     def _absorb(self, meta: dict[str, Any]) -> None:
-        for epoch, shard, n, total in meta["advance"]:
+        for epoch, key, shard, n, total in meta["advance"]:
             per_shard = self._consumed.setdefault(int(epoch), {})
-            per_shard[shard] = per_shard.get(shard, 0) + int(n)
+            per_shard[key] = per_shard.get(key, 0) + int(n)
             if self._known.setdefault(shard, int(total)) != int(total):
                 raise ShardError(
                     f"shard {shard} changed size while being read ({self._known[shard]} -> {total})"
@@ -578,6 +648,28 @@ class StreamLoader:
             )
 
     # -- state ----------------------------------------------------------------------------------------
+
+    def _redeal_all(self, slots: int) -> None:
+        """Deal every epoch the saved run had started to ``slots`` slots (the world size changed): below the
+        shard when this loader splits or the epoch already was, else whole shards balanced by what is left."""
+        names = [s.name for s in self.shards]
+        by_units = {
+            e: done
+            for e, done in self._consumed.items()
+            if any(done.values()) and (self._split or any(key_start(k)[1] for k in done))
+        }
+        shard_level = {e: done for e, done in self._consumed.items() if e not in by_units}
+        self._epoch_slots = redeal(names, shard_level, self._known, self.seed, self.shuffle, slots)
+        self._epoch_units = {}
+        for epoch, done in by_units.items():
+            missing = [n for n in names if n not in self._known]
+            if missing:
+                raise ValueError(
+                    f"resuming an epoch read below the shard on {slots} slots needs every shard's sample count; "
+                    f"{len(missing)} are unknown (e.g. {missing[:3]}): train from the manifest"
+                )
+            sizes = [self._known[n] for n in names]
+            self._epoch_units[epoch] = redeal_units(names, sizes, done, self.seed, epoch, self.shuffle, slots)
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason (SAMPLE_SKIP_REASONS), over the whole run including the loaded state."""
@@ -631,6 +723,7 @@ class StreamLoader:
             "open_shards": self.open_shards,
             "corrupt_shards": self.corrupt_shards(),
             "epoch_slots": epoch_slots_json(self._epoch_slots, self.world_size * self.workers_per_rank),
+            "epoch_units": epoch_units_json(self._epoch_units, self.world_size * self.workers_per_rank),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -646,7 +739,7 @@ class StreamLoader:
                 "save merge_states() of every rank's state_dict(), not one rank's"
             )
         names = {s.name for s in self.shards}
-        unknown = sorted({n for d in state["epoch_consumed"].values() for n in d} - names)
+        unknown = sorted({key_start(k)[0] for d in state["epoch_consumed"].values() for k in d} - names)
         if unknown:
             raise ValueError(
                 f"resume state names {len(unknown)} shards this source lacks (e.g. {unknown[:3]}); resume on the "
@@ -675,9 +768,12 @@ class StreamLoader:
             self._epoch_slots = {
                 int(e): {k: int(v) for k, v in d["shards"].items()} for e, d in saved.items()
             }
+            self._epoch_units = {
+                int(e): {k: (int(v[0]), int(v[1])) for k, v in d["units"].items()}
+                for e, d in state.get("epoch_units", {}).items()
+            }
         else:
-            names = [s.name for s in self.shards]
-            self._epoch_slots = redeal(names, self._consumed, self._known, self.seed, self.shuffle, slots)
+            self._redeal_all(slots)
         self._corrupt = {str(k): str(v) for k, v in state.get("corrupt_shards", {}).items()}
 
 
