@@ -309,6 +309,20 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class FsdpConfig:
+    """Options of the FSDP2 engine (`train.engine: fsdp`)."""
+
+    replicate_over_nodes: bool = False
+    """Hybrid sharding (HSDP): parameters, gradients and optimizer state sharded over the ranks of one node and replicated across nodes (a 2D device mesh, nodes x ranks per node), so the per-block all-gathers and reduce-scatters stay on the node's NVLink and one gradient all-reduce per step crosses the network between nodes. False: one flat mesh over every rank."""
+    ranks_per_node: int | None = None
+    """Ranks of one node for `replicate_over_nodes`; None: the launcher's (LOCAL_WORLD_SIZE from torchrun or deepspeed, SLURM_NTASKS_PER_NODE under srun)."""
+
+    def validate(self, path: str) -> None:
+        if self.ranks_per_node is not None:
+            _require(self.ranks_per_node >= 1, f"{path}.ranks_per_node", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Length of the stage, numerics, checkpointing and logging."""
 
@@ -340,6 +354,8 @@ class TrainConfig:
     """Also write TensorBoard event files."""
     wandb: WandbConfig | None = None
     """Also log to Weights & Biases ([WandbConfig](#wandbconfig)); None: off."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """Options of the FSDP2 engine ([FsdpConfig](#fsdpconfig)): hybrid sharding over nodes."""
     device_memory_gib: float | None = None
     """Memory of one device that `batch.micro_batch_size: auto` plans for; None: the CUDA device's own (on CPU no bound: the rank's whole share of the global batch)."""
     peak_tflops: float | None = None
@@ -369,6 +385,7 @@ class TrainConfig:
         _require(self.checkpoint_every_n_layers >= 1, f"{path}.checkpoint_every_n_layers", "must be >= 1")
         if self.wandb is not None:
             self.wandb.validate(f"{path}.wandb")
+        self.fsdp.validate(f"{path}.fsdp")
 
 
 @dataclass(frozen=True)

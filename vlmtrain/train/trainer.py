@@ -432,6 +432,8 @@ class Trainer:
         self.model.train()
         engine = self._build_engine()
         self.console.print(f"{stage.name}: {engine.precision.describe()}")
+        if engine.layout():
+            self.console.print(f"{stage.name}: {engine.layout()}")
         slow = cpu_bf16_warning(engine.precision, self.ctx.device)
         if slow is not None:
             self.console.print(f"[yellow]{stage.name}: warning: {slow}[/]")

@@ -55,6 +55,10 @@ class Engine(ABC):
     precision: PrecisionPolicy
     ctx: DistContext
 
+    def layout(self) -> str:
+        """How the engine spreads the model over the ranks, for the log ("" when there is nothing to say)."""
+        return ""
+
     @abstractmethod
     def begin_step(self, n_micro: int) -> None:
         """Open an optimizer step of `n_micro` micro-batches: the window ends (gradients reduced, optimizer
