@@ -93,6 +93,12 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     from transformers import AutoTokenizer, SiglipImageProcessorPil
 
     model = VisionLanguageModel.from_pretrained(checkpoint, attn_backend="sdpa")
+    if model.vision_family.name != "siglip" or model.pixel_shuffle != 1:
+        # LLaVA's stock classes keep every token of the tower and have no pixel shuffle (issue 25 item 5)
+        raise ValueError(
+            f"{checkpoint}: the LLaVA export supports SigLIP towers without pixel shuffle for now; this model has "
+            f"a {model.vision_family.name} tower and pixel_shuffle={model.pixel_shuffle}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     llava = LlavaForConditionalGeneration(llava_config(model))
     missing, unexpected = llava.load_state_dict(to_llava_state_dict(model), strict=False)
@@ -108,9 +114,14 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     # the tokenizer's own template did in training, multimodal content as well, with the image first.
     template = multimodal_chat_template(tokenizer.chat_template)
     tokenizer.chat_template = template
-    size = model.vision.config.image_size
+    size, transform = model.image_size, model.image_transform
     processor = LlavaProcessor(
-        image_processor=SiglipImageProcessorPil(size={"height": size, "width": size}),
+        image_processor=SiglipImageProcessorPil(
+            size={"height": size, "width": size},
+            image_mean=list(transform.mean),
+            image_std=list(transform.std),
+            resample=int(transform.resample),
+        ),
         tokenizer=tokenizer,
         patch_size=model.vision.config.patch_size,
         vision_feature_select_strategy="full",
