@@ -46,6 +46,9 @@ class StackShape:
     kv_heads: int
     head_dim: int
     gated_mlp: bool  # SwiGLU (gate, up, down; DINOv2-giant's fused gate+up) rather than fc1, fc2
+    layer_scale: bool = (
+        False  # a learned scale multiplies the MLP output (DINOv2): backward saves that output
+    )
 
     def linear_flops_per_token(self) -> int:
         """Forward FLOPs of one layer's weight matmuls for one token: q, k, v, o and the MLP."""
@@ -59,8 +62,11 @@ class StackShape:
 
         The whole forward but the MLP's output projection: torch's non-reentrant checkpoint (what the trainer
         enables) stops recomputing once the last tensor backward saved is rebuilt (`early stop`, on by default),
-        and nothing of the layer's after the down/fc2 projection is saved.
+        and nothing of the layer's after the down/fc2 projection is saved. With a layer scale after it (DINOv2) the
+        projection's output is saved for the scale's gradient, so the whole forward is recomputed.
         """
+        if self.layer_scale:
+            return self.linear_flops_per_token()
         return self.linear_flops_per_token() - 2 * self.intermediate * self.hidden
 
     def attention_flops_per_pair(self) -> int:
@@ -108,6 +114,7 @@ class ModelShape:
             tower.heads,
             tower.hidden // tower.heads,
             gated_mlp=tower.gated_mlp,
+            layer_scale=tower.layer_scale,
         )
         language = StackShape(
             lm.hidden_size,

@@ -39,6 +39,7 @@ class TowerShape:
     layers: int
     heads: int
     gated_mlp: bool  # SwiGLU-style (two input projections) rather than fc1, fc2
+    layer_scale: bool = False  # a learned per-channel scale after the attention and MLP outputs (DINOv2)
 
 
 class VisionFamily(ABC):

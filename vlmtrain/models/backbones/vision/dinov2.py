@@ -50,7 +50,12 @@ class Dinov2Family(VisionFamily):
         if config.use_swiglu_ffn:  # Dinov2SwiGLUFFN: weights_in -> 2 x h, weights_out h -> hidden
             mlp = (int(mlp * 2 / 3) + 7) // 8 * 8
         return TowerShape(
-            hidden, mlp, config.num_hidden_layers, config.num_attention_heads, config.use_swiglu_ffn
+            hidden,
+            mlp,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.use_swiglu_ffn,
+            layer_scale=True,
         )
 
 
