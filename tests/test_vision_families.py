@@ -313,3 +313,48 @@ def test_pixel_shuffle_that_does_not_divide_the_grid_is_an_error(towers, lm_dir,
         vlm_for(towers, lm_dir, tokenizer, "siglip", pixel_shuffle=3)
     with pytest.raises(ValueError, match="pixel_shuffle=4 does not divide the 6 x 6"):
         pixel_shuffle(torch.zeros(1, 36, 2), 4)
+
+
+# ---- plan, init check and checkpoints written before families -------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_reads_a_local_tower_directory_without_weights(towers, lm_dir, name):
+    from vlmtrain.train.plan import meta_model
+
+    vlm = meta_model(ModelConfig(vision=str(towers[name]), language=str(lm_dir)))
+    case = CASES[name]
+    assert (vlm.vision_family.name, vlm.num_image_tokens, vlm.vision_skip_tokens) == (
+        case.family,
+        case.patches,
+        case.skip,
+    )
+    assert vlm.image_transform == spec_from_checkpoint(str(towers[name])).transform
+    assert next(vlm.vision.parameters()).device.type == "meta"
+
+
+def test_init_check_compares_vision_configs_as_their_familys_architecture():
+    from vlmtrain.train.init_check import _config_lines
+
+    dino = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    built = spec_from_dict(dino).config.to_dict()  # what a checkpoint's vlm_config.json records
+    assert _config_lines("vision_config", dino, built) == []
+    lines = _config_lines("vision_config", {**dino, "num_hidden_layers": 3}, built)
+    # (DINOv2's backbone entries out_features / out_indices / stage_names follow the layer count)
+    assert "model.vision_config.num_hidden_layers: 3 here, 2 in the checkpoint" in lines
+    clip = _config_lines("vision_config", {**dino, "model_type": "clip"}, built)
+    assert any(line.startswith("model.vision_config.model_type:") for line in clip)
+
+
+def test_a_checkpoint_written_before_families_loads_as_siglip(tiny_model, tmp_path):
+    """vlm_config.json without vision_family / image_preprocessing / pixel_shuffle: SigLIP and its defaults."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "vlm_config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("vision_family", "vision_skip_tokens", "image_preprocessing", "pixel_shuffle"):
+        cfg.pop(key)
+    cfg["projector"].pop("pixel_shuffle")
+    path.write_text(json.dumps(cfg))
+    old = VisionLanguageModel.from_pretrained(tmp_path / "m")
+    assert old.vision_family.name == "siglip" and old.pixel_shuffle == 1
+    assert old.image_transform == ImageTransform(32)  # SigLIP's: exact resize, mean = std = 0.5, bicubic
+    for (n, p), (_, q) in zip(old.state_dict().items(), tiny_model.state_dict().items(), strict=True):
+        assert torch.equal(p, q), n
