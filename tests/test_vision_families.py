@@ -358,3 +358,25 @@ def test_a_checkpoint_written_before_families_loads_as_siglip(tiny_model, tmp_pa
     assert old.image_transform == ImageTransform(32)  # SigLIP's: exact resize, mean = std = 0.5, bicubic
     for (n, p), (_, q) in zip(old.state_dict().items(), tiny_model.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_preflight_names_a_tower_directory_of_no_supported_family(towers, tmp_path):
+    from vlmtrain.train.preflight import ModelSource, check_model_sources
+
+    bad = tmp_path / "vit"
+    shutil.copytree(towers["clip"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))
+    files = (("config.json",), ("model.safetensors",))
+    problems, hub = check_model_sources(
+        [
+            ModelSource("s model.vision", str(bad), files),
+            ModelSource("s model.vision", str(towers["clip"]), files),
+        ]
+    )
+    assert hub == [] and len(problems) == 1
+    assert (
+        problems[0].where == "s model.vision"
+        and "'vit'" in problems[0].message
+        and str(bad) in problems[0].message
+    )
