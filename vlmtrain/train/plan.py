@@ -101,8 +101,16 @@ likely low: `--text-tokens` replaces them (docs/plan.md says what twice the text
 # ---- the shipped presets' checkpoints, as their config.json files give them --------------------------------
 KNOWN_VISION: dict[str, dict[str, Any]] = {
     # `config`: the tower's config.json entries (the vision_config of a full checkpoint), `model_type` naming the
-    # family; `preprocessor`: its preprocessor_config.json entries that set the input size. Sources: the SigLIP
-    # entry as before; the others as docs/architecture.md ("Vision tower families") lists them.
+    # family; `preprocessor`: its preprocessor_config.json entries that set the input size. The hub files were
+    # not reachable here; the values agree with these public copies (read through a code search):
+    # - SigLIP2 so400m/14: SigLIP's so400m shapes (kvmm's SigLIP2So400mP14: width 1152, 27 layers, 16 heads, MLP
+    #   4304, patch 14); fixed-resolution SigLIP2 checkpoints are SiglipModel (model_type siglip), 224 px;
+    # - CLIP-L/14-336: width 1024, 24 layers, 16 heads, MLP 4096, 336 px, patch 14 (timm's
+    #   vit_large_patch14_clip_336 and a CLIPVisionConfig written for this checkpoint); its old-style
+    #   preprocessor_config.json (CLIPFeatureExtractor): size 336, crop_size 336, resample 3, OpenAI mean / std;
+    # - DINOv2-L (with registers): width 1024, 24 layers, 16 heads, mlp_ratio 4, 518 px, patch 14, layerscale 1.0,
+    #   no SwiGLU, 4 registers (transformers-style configs copied from facebook/dinov2-* and timm's
+    #   vit_large_patch14_[reg4_]dinov2); BitImageProcessor: shortest_edge 256, crop 224, resample 3, ImageNet.
     "google/siglip-so400m-patch14-224": {
         "config": {
             "model_type": "siglip",
