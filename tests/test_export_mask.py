@@ -407,23 +407,19 @@ def test_prefix_mask_matches_vlmtrain_masks_with_padding_and_sliding_layers(slid
         assert torch.equal(mask["sliding_attention"][:, 0][real], brute[real])
 
 
-def test_export_takes_preprocessing_recorded_in_the_checkpoint(tiny_model, tokenizer, tmp_path):
-    """vlm_config.json's `preprocessing` (written by the tower family) sets the processor's size, mean and std:
-    its pixels equal vlmtrain's ImageTransform with those values; a malformed entry is an error naming it."""
+@pytest.mark.parametrize("edge", [None, 40])
+def test_export_processor_equals_the_checkpoints_image_transform(tiny_model, tokenizer, tmp_path, edge):
+    """vlm_config.json's `image_preprocessing` (the tower family's transform) sets the exported processor: square
+    resize (SigLIP) or shorter side then center crop (CLIP, DINOv2), mean and std; its pixels equal vlmtrain's."""
     tiny_model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(str(tmp_path / "ckpt"))
     cfg_path = tmp_path / "ckpt" / "vlm_config.json"
     cfg = json.loads(cfg_path.read_text())
-    recorded = {"image_size": 32, "mean": [0.48, 0.45, 0.4], "std": [0.27, 0.26, 0.28]}
-    cfg_path.write_text(json.dumps({**cfg, "preprocessing": recorded}))
+    transform = ImageTransform(32, (0.48, 0.45, 0.4), (0.27, 0.26, 0.28), resize_shortest_edge=edge)
+    cfg_path.write_text(json.dumps({**cfg, "image_preprocessing": transform.to_dict()}))
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
-    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 56, 3), dtype=np.uint8))
     pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
-    expected = ImageTransform(32, tuple(recorded["mean"]), tuple(recorded["std"]))(image)[None]
-    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels, transform(image)[None], atol=1e-5, rtol=0)
     assert not torch.allclose(pixels, ImageTransform(32)(image)[None], atol=1e-2)
-
-    cfg_path.write_text(json.dumps({**cfg, "preprocessing": {"image_size": 32}}))
-    with pytest.raises(ValueError, match=r"ckpt/vlm_config\.json: `preprocessing` must be an object with"):
-        export_hf(tmp_path / "ckpt", tmp_path / "hf2")

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_VISION
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
 from vlmtrain.data.process import IGNORE_INDEX
@@ -57,6 +58,14 @@ ATTENTION_OPS = {
 }
 MATMUL_PARTS = ("vision", "projector", "language", "head")
 ATTENTION_PARTS = ("vision_attention", "language_attention")
+TINY_DINO = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 # ---- the reference: FlopCounterMode with a mask-aware formula for the CPU SDPA kernel ---------------------
@@ -292,6 +301,63 @@ def test_unused_vision_layers_get_no_backward(tokenizer, tiny_model_config):
     assert shape.vision_layers_used == shape.vision.layers - 1
     _, matmul, attention = _model_counts(model, batch, setup)
     assert (matmul, attention) == split(reference(model, batch, "prefix", backward=True))
+
+
+# Tiny towers of every family (hidden 32, 2 layers, patch 8); DINOv2 with registers reads 48 px crops of a 32 px
+# config (interpolated position embeddings: 36 patches + CLS + 2 registers through the tower).
+FAMILY_TOWERS = {
+    "siglip": ({"model_type": "siglip", **TINY_VISION}, None),
+    "clip": ({"model_type": "clip", **TINY_VISION}, None),
+    "dinov2": ({"model_type": "dinov2", **TINY_DINO}, None),
+    "dinov2_with_registers": (
+        {"model_type": "dinov2_with_registers", **TINY_DINO, "num_register_tokens": 2},
+        (48, 56),
+    ),
+}
+
+
+def family_model(tiny_model, family: str, k: int, layer: int | None = None):
+    """A VLM with a tiny tower of `family`, pixel shuffle `k`, and the tiny model's LM."""
+    from vlmtrain.data.image_transform import ImageTransform
+    from vlmtrain.models.backbones.vision import build_tower
+    from vlmtrain.models.projector import Projector
+    from vlmtrain.models.vlm import VisionLanguageModel
+
+    config, crop = FAMILY_TOWERS[family]
+    torch.manual_seed(0)
+    transform = None if crop is None else ImageTransform(crop[0], resize_shortest_edge=crop[1])
+    spec, tower = build_tower(config, transform)
+    projector = Projector(32, tiny_model.language.config.hidden_size, "gelu", k)
+    return VisionLanguageModel(
+        tower, projector, tiny_model.language, tiny_model.image_token_id, layer, "sdpa", spec.transform
+    ).train()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TOWERS))
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize(
+    "groups, checkpointed",
+    [(("projector",), False), (("vision", "projector", "language"), True)],
+    ids=["stage0-1", "stage2-3+recompute"],
+)
+def test_every_family_and_pixel_shuffle_match_flop_counter(tiny_model, family, k, groups, checkpointed):
+    """The tower's sequence counts its CLS / register tokens (not the projector's, nor the LM's); pixel shuffle
+    divides the LM's image tokens by k^2 and widens the projector's input by k^2."""
+    model = family_model(tiny_model, family, k)
+    p = model.num_image_tokens
+    rows = [[(8, True), (6, True), (30, False)], [(20, True), (8, True), (16, False)]]  # full rows of 44 + 2p
+    batch = make_batch(rows, 44 + 2 * p, p, model.language.config.vocab_size)
+    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape[0], 3, model.image_size, model.image_size)
+    set_trainable(model, groups)
+    if checkpointed:
+        model.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    setup = StepSetup.from_model(model, "prefix")
+    shape = ModelShape.from_model(model)
+    assert shape.vision_tokens == model.num_patches + model.vision_skip_tokens
+    assert shape.image_tokens == model.num_patches // (k * k) and shape.projector_in == 32 * k * k
+    flops, matmul, attention = _model_counts(model, batch, setup)
+    assert (matmul, attention) == split(reference(model, batch, "prefix", backward=True))
+    assert (flops.total(PARTS, "recompute") > 0) == checkpointed
 
 
 @pytest.mark.parametrize("every_n", [1, 2])

@@ -93,8 +93,8 @@ def test_the_loader_records_the_keys_the_file_and_set_wrote(tmp_path):
 def test_defaults_are_not_judged_and_attn_backend_applies_on_top(run_dir, tmp_path, tokenizer):
     saved = VisionLanguageModel.from_pretrained(run_dir / "stage0" / FINAL)
     cfg = stage1(tmp_path, ["model.attn_backend=eager"])
-    # The defaults (hub ids, feature layer -1) all differ from the tiny checkpoint; none was written.
-    assert (cfg.model.language, cfg.model.vision_feature_layer) == ("Qwen/Qwen2.5-0.5B", -1)
+    # The defaults (hub ids, the family's feature layer) all differ from the tiny checkpoint; none was written.
+    assert (cfg.model.language, cfg.model.vision_feature_layer) == ("Qwen/Qwen2.5-0.5B", None)
     model, _ = run.load_model_and_tokenizer(cfg, run_dir)
     assert model.attn_backend == "eager" and model.vision_feature_layer == -2
     for (name, p), (_, q) in zip(model.state_dict().items(), saved.state_dict().items(), strict=True):

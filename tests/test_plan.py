@@ -299,3 +299,62 @@ def test_training_resolves_auto_as_the_plan_does(tmp_path, monkeypatch):
     one = load_stage_config(stage=0, overrides=["batch.global_batch_size=512", "optim.lr_scaling=sqrt"])
     (spec, *_) = build_param_groups(model, {"projector": model["projector"]}, one)
     assert spec.lr == pytest.approx(one.modules["projector"].lr * 2.0)
+
+
+# ---- the towers of every family at real size ---------------------------------------------------------------
+def vit_layer(h: int, i: int, layer_scale: bool) -> int:
+    """One pre-norm ViT layer: q, k, v, o with biases, fc1, fc2, two LayerNorms (+ two layer scales)."""
+    return 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h + (2 * h if layer_scale else 0)
+
+
+# id: (patches the LM sees, leading tokens dropped, hand-counted tower parameters, unused parameters)
+REAL_TOWERS = {
+    # SigLIP: patch conv with bias, 256 position embeddings, 27 layers, post_layernorm (unused)
+    "google/siglip2-so400m-patch14-224": (
+        256,
+        0,
+        3 * 14 * 14 * 1152 + 1152 + 256 * 1152 + 27 * vit_layer(1152, 4304, False) + 2 * 1152,
+        2 * 1152,
+    ),
+    # CLIP: class embedding, conv without bias, 577 positions, pre/post LayerNorm; -2: the last layer unused
+    "openai/clip-vit-large-patch14-336": (
+        576,
+        1,
+        1024 + 3 * 14 * 14 * 1024 + 577 * 1024 + 4 * 1024 + 24 * vit_layer(1024, 4096, False),
+        2 * 1024 + vit_layer(1024, 4096, False),
+    ),
+    # DINOv2: CLS and mask token, conv with bias, 1 + 37^2 positions (518 px config, interpolated to 224 px
+    # crops), final LayerNorm; unused: the LayerNorm and the mask token
+    "facebook/dinov2-large": (
+        256,
+        1,
+        2 * 1024 + 3 * 14 * 14 * 1024 + 1024 + 1370 * 1024 + 24 * vit_layer(1024, 4096, True) + 2 * 1024,
+        3 * 1024,
+    ),
+    "facebook/dinov2-with-registers-large": (
+        256,
+        5,
+        6 * 1024 + 3 * 14 * 14 * 1024 + 1024 + 1370 * 1024 + 24 * vit_layer(1024, 4096, True) + 2 * 1024,
+        3 * 1024,
+    ),
+}
+
+
+@pytest.mark.parametrize("vision", list(REAL_TOWERS))
+@pytest.mark.parametrize("k", [1, 2])
+def test_real_towers_of_every_family_are_the_hand_count(vision, k):
+    import dataclasses
+
+    from vlmtrain.train.flops import ModelShape
+
+    patches, skip, params, unused = REAL_TOWERS[vision]
+    model = dataclasses.replace(STAGES[2].model, vision=vision, pixel_shuffle=k)
+    vlm = meta_model(model)
+    shape = ModelShape.from_model(vlm)
+    assert (vlm.num_image_tokens, shape.vision_tokens) == (patches // (k * k), patches + skip)
+    assert sum(p.numel() for p in vlm.vision.parameters()) == params
+    assert sum(p.numel() for p in vlm.unused_parameters()) == unused
+    assert vlm.projector.linear_1.in_features == vlm.vision.config.hidden_size * k * k
+    stage = dataclasses.replace(STAGES[2], model=model, init_from=None)  # the model block, not stage 1's
+    plan = plan_stages([stage], 8, "H100", 0.4)[0][0]
+    assert plan.sample_tokens == patches // (k * k) + sum(PAPER_DATASETS[stage.data.dataset].text_tokens())

@@ -370,12 +370,12 @@ def eval_vqa_cmd(
         _fail(err)
 
 
-def _load_images(paths: list[Path], size: int):
+def _load_images(paths: list[Path], transform):
+    """Preprocessed images, with the model's own transform (`model.image_transform`)."""
     from PIL import Image
 
-    from vlmtrain.data.process import ImageTransform, to_rgb
+    from vlmtrain.data.process import to_rgb
 
-    transform = ImageTransform(image_size=size)
     out = []
     for path in paths:
         try:
@@ -423,7 +423,7 @@ def caption(
 
     gen = _gen_config(max_new_tokens, strategy, num_beams, 1.0, 1.0, 0)
     model, generator = _generator(checkpoint, device, gen, mask)
-    pixels = torch.stack(_load_images(images, model.vision.config.image_size))
+    pixels = torch.stack(_load_images(images, model.image_transform))
     prompts = [generator.prompt(question_messages(prompt or CAPTION_PROMPT), True)] * len(images)
     for path, ids in zip(images, generator.generate(prompts, pixels), strict=True):
         console.print(f"[bold]{path}[/]: {generator.decode(ids)}")
@@ -444,7 +444,7 @@ def ask(
     from vlmtrain.eval.generate import GenerationConfig
 
     model, generator = _generator(checkpoint, device, GenerationConfig(max_new_tokens=max_new_tokens), mask)
-    pixels = _load_images([image], model.vision.config.image_size)[0][None]
+    pixels = _load_images([image], model.image_transform)[0][None]
     messages: list[dict[str, str]] = []
 
     def answer(q: str) -> str:

@@ -20,11 +20,10 @@ with `pipeline("image-text-to-text", ...)`. The folder's README.md says which fo
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -37,7 +36,7 @@ from vlmtrain.durable import fsync_tree, replace_durably
 from vlmtrain.eval.run import trained_mask
 from vlmtrain.hf_remote import modeling_vlmtrain_llava as remote
 from vlmtrain.models.lora import merge_lora
-from vlmtrain.models.vlm import CONFIG_NAME, VisionLanguageModel
+from vlmtrain.models.vlm import VisionLanguageModel
 
 Format = Literal["auto", "vlmtrain", "llava"]
 FORMATS: tuple[str, ...] = ("auto", "vlmtrain", "llava")
@@ -53,33 +52,9 @@ PREFIXES = (
 
 
 def feature_layout(model: VisionLanguageModel) -> tuple[int, int]:
-    """(leading tower tokens dropped, pixel-shuffle factor k) of the model's image features; (0, 1) by default.
-
-    Read from the model, then its projector, so that whichever module carries them is followed."""
-
-    def option(name: str, default: int) -> int:
-        return int(getattr(model, name, getattr(model.projector, name, default)))
-
-    return option("vision_skip_tokens", 0), option("pixel_shuffle", 1)
-
-
-def tower_preprocessing(
-    model: VisionLanguageModel, vlm_config: dict[str, Any] | None = None, source: str = CONFIG_NAME
-) -> ImageTransform:
-    """The image transform the model was trained with: vlm_config.json's `preprocessing` (`image_size`, `mean`,
-    `std`) when the checkpoint records it, else SigLIP's (the tower's image_size, mean = std = 0.5)."""
-    recorded = (vlm_config or {}).get("preprocessing")
-    if recorded is None:
-        return ImageTransform(image_size=model.vision.config.image_size)
-    keys = {"image_size", "mean", "std"}
-    if not isinstance(recorded, dict) or not keys <= recorded.keys():
-        raise ValueError(
-            f"{source}: `preprocessing` must be an object with {sorted(keys)}, got {recorded!r}; "
-            "re-save the checkpoint with this vlmtrain version"
-        )
-    return ImageTransform(
-        image_size=int(recorded["image_size"]), mean=tuple(recorded["mean"]), std=tuple(recorded["std"])
-    )
+    """(leading tower tokens dropped, pixel-shuffle factor k) of the model's image features (its tower family's
+    CLS / register tokens, `model.pixel_shuffle`)."""
+    return model.vision_skip_tokens, model.pixel_shuffle
 
 
 def prefill_mask(trained: str) -> str:
@@ -172,15 +147,23 @@ def generation_config(llava: LlavaForConditionalGeneration, tokenizer) -> Genera
 
 def build_processor(model: VisionLanguageModel, tokenizer, transform: ImageTransform) -> LlavaProcessor:
     """LlavaProcessor whose image processor equals `transform` and whose image-token count equals the model's."""
-    from transformers import SiglipImageProcessorPil
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
-    # Square resize (bicubic), rescale, normalize: the same steps as vlmtrain's ImageTransform.
-    image_processor = SiglipImageProcessorPil(
-        size={"height": transform.image_size, "width": transform.image_size},
-        resample=int(transform.resample),
-        image_mean=list(transform.mean),
-        image_std=list(transform.std),
-    )
+    common = {
+        "resample": int(transform.resample),
+        "image_mean": list(transform.mean),
+        "image_std": list(transform.std),
+    }
+    if transform.resize_shortest_edge is None:  # square resize, rescale, normalize (SigLIP)
+        size = {"height": transform.image_size, "width": transform.image_size}
+        image_processor = SiglipImageProcessorPil(size=size, **common)
+    else:  # shorter side resized, center crop, rescale, normalize (CLIP, DINOv2): the same PIL calls
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": transform.resize_shortest_edge},
+            crop_size={"height": transform.image_size, "width": transform.image_size},
+            do_center_crop=True,
+            **common,
+        )
     _, k = feature_layout(model)
     # One image token per (patch_size * k)^2 pixels: LlavaProcessor's count then equals the model's.
     token_side = model.vision.config.patch_size * k
@@ -304,7 +287,7 @@ def export_model(
             f"export mapping is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     hf.generation_config = generation_config(hf, tokenizer)
-    transform = transform or tower_preprocessing(model)
+    transform = transform or model.image_transform
     processor = build_processor(model, tokenizer, transform)
 
     tmp = out.with_name(f".{out.name}.tmp")
@@ -329,6 +312,4 @@ def export_hf(checkpoint: Path, out: Path, fmt: Format = "auto") -> Path:
     checkpoint = Path(checkpoint)
     model = merge_lora(VisionLanguageModel.from_pretrained(checkpoint, attn_backend="sdpa"))
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    vlm_config = json.loads((checkpoint / CONFIG_NAME).read_text())
-    transform = tower_preprocessing(model, vlm_config, str(checkpoint / CONFIG_NAME))
-    return export_model(model, tokenizer, out, fmt, trained_mask(checkpoint), transform)
+    return export_model(model, tokenizer, out, fmt, trained_mask(checkpoint))

@@ -50,9 +50,9 @@ class ModelConfig:
     """Which vision tower, projector and language model make up the VLM."""
 
     vision: str | None = "google/siglip-so400m-patch14-224"
-    """Hub id or local directory of a SigLIP checkpoint (a full SigLIP or a vision-only one)."""
+    """Hub id or local directory of a vision tower checkpoint; its config.json `model_type` picks the family: `siglip` (SigLIP, fixed-resolution SigLIP2), `clip`, `dinov2`, `dinov2_with_registers` (a full SigLIP / CLIP checkpoint with a text tower works); its preprocessor_config.json, when present, sets the image preprocessing."""
     vision_config: dict[str, Any] | None = None
-    """SiglipVisionConfig keyword arguments: build a randomly initialised tower instead of loading one."""
+    """Config keyword arguments of a randomly initialised tower (instead of loading one); `model_type` (default `siglip`) names the family, the rest are its transformers vision config's arguments."""
     language: str | None = "Qwen/Qwen2.5-0.5B"
     """Hub id or local directory of a causal LM checkpoint (any AutoModelForCausalLM whose tokenizer has a chat template, or see `chat_template`): Qwen2.5, Qwen3, Llama 3.x, SmolLM2, Gemma 3 are tested."""
     language_config: dict[str, Any] | None = None
@@ -61,8 +61,10 @@ class ModelConfig:
     """Hub id or directory of the tokenizer; defaults to `language`."""
     chat_template: str | None = None
     """Jinja chat template (the text, or a path to a .jinja file) replacing the tokenizer's own: needed for a base LM whose tokenizer has none. The turn end, pad and stop tokens are derived from it (docs/data_pipeline.md)."""
-    vision_feature_layer: int = -1
-    """Which hidden state of the vision tower feeds the projector (-1: the last encoder layer)."""
+    vision_feature_layer: int | None = None
+    """Which hidden state of the vision tower feeds the projector (-1: the last encoder layer); null: the family's default (SigLIP and DINOv2 -1, CLIP -2 as LLaVA)."""
+    pixel_shuffle: int = 1
+    """k: merge each k x k block of neighbouring patches into one token before the projector (SmolVLM / Idefics3), dividing the image tokens by k^2; k must divide the patch grid's side. 1: the paper's projector."""
     projector_hidden_act: str = "gelu"
     """Activation between the projector's two linear layers (the paper uses GELU)."""
     attn_backend: AttnBackend = "auto"
@@ -76,6 +78,11 @@ class ModelConfig:
                 f"{path}.{part}",
                 f"give exactly one of `{part}` (a checkpoint) or `{part}_config` (random init)",
             )
+        _require(
+            isinstance(self.pixel_shuffle, int) and self.pixel_shuffle >= 1,
+            f"{path}.pixel_shuffle",
+            f"must be an integer >= 1 (1: no pixel shuffle), got {self.pixel_shuffle!r}",
+        )
 
 
 LORA_ALL_LINEAR = "all-linear"

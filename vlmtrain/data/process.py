@@ -7,14 +7,13 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.data.image_transform import ImageTransform, to_rgb
 from vlmtrain.data.prompt import ROLES, ChatRenderer, TurnPair, messages_from_turns
 from vlmtrain.data.tokenizer import image_token_id
 
@@ -49,80 +48,6 @@ TRUNCATIONS = ("truncated_turns", "truncated_answer")
 # ---------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any decoded image to 8-bit RGB.
-
-    Transparency (alpha band, or a palette/RGB ``transparency`` entry) is composited on WHITE, as
-    transformers' ``convert_to_rgb`` does for SigLIP: dark logos and text on transparent backgrounds stay
-    visible, and training matches what the Hugging Face processor shows the model at inference.
-    16-bit greyscale (``I;16*``, and ``I`` as 16-bit PNGs may open) is scaled to 8 bits by round(v / 257)
-    rather than clipped at 255 as a plain PIL ``convert`` would (which turns most such images white).
-    """
-    if img.mode == "RGB" and img.info.get("transparency") is None:
-        return img
-    if img.mode.startswith("I;16") or img.mode == "I":
-        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
-    if img.mode == "F":
-        raise ValueError(
-            "32-bit float images (mode F) have no defined 8-bit range; convert them when sharding"
-        )
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """SigLIP preprocessing: RGB, resize to exactly size x size (bicubic), rescale by 1/255, normalize.
-
-    The resize is the same PIL call transformers' ``SiglipImageProcessor`` (PIL backend) makes, so the
-    8-bit pixels are identical; rescale and normalize are folded into one float32 multiply-add, which
-    differs from its float64-rescale-then-float32 arithmetic only in the last bits (1.2e-7 observed).
-    """
-
-    image_size: int = 224
-    """Output height and width in pixels (SigLIP-so400m/14 and base/16 at 224 give 256 patches)."""
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    """Per-channel mean subtracted after rescaling to [0, 1]."""
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    """Per-channel standard deviation divided by after subtracting the mean."""
-    resample: Image.Resampling = Image.Resampling.BICUBIC
-    """PIL resampling filter for the resize."""
-
-    def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 channels, got mean={self.mean} std={self.std}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
-
-    @cached_property
-    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
-        """[3, 1, 1] float32 scale and offset: (x / 255 - mean) / std == x * scale + offset."""
-        std = np.asarray(self.std, dtype=np.float32)
-        scale = np.float32(1) / (np.float32(255) * std)
-        offset = -np.asarray(self.mean, dtype=np.float32) / std
-        return scale.reshape(3, 1, 1), offset.reshape(3, 1, 1)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """[3, image_size, image_size] float32 pixel values."""
-        rgb = to_rgb(img)
-        size = (self.image_size, self.image_size)
-        if rgb.size != size:
-            rgb = rgb.resize(size, resample=self.resample)
-        chw = np.asarray(rgb).transpose(2, 0, 1)  # [3, H, W] uint8 view
-        scale, offset = self._affine
-        out = np.empty(chw.shape, dtype=np.float32)
-        np.multiply(chw, scale, out=out)  # one fused pass per op, straight from uint8
-        out += offset
-        return torch.from_numpy(out)
 
 
 def decode_image(data: bytes | memoryview, ext: str, *, draft_size: int | None = None) -> Image.Image:
@@ -387,7 +312,7 @@ class SampleProcessor:
         return self.renderer.tokenize_pairs(messages)
 
     def _pixels(self, data: bytes | memoryview, ext: str) -> torch.Tensor | Skip:
-        draft = self.transform.image_size if self.config.jpeg_draft else None
+        draft = self.transform.decode_size if self.config.jpeg_draft else None
         try:
             img = decode_image(data, ext, draft_size=draft)
             rgb = to_rgb(img)

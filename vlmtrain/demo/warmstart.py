@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import PreTrainedModel
 
-from vlmtrain.data.process import IGNORE_INDEX, ImageTransform
+from vlmtrain.data.process import IGNORE_INDEX
 from vlmtrain.demo.scenes import COLORS, GRID, KINDS, SIZES
+from vlmtrain.models.backbones.vision import build_tower
 from vlmtrain.models.language import load_language_model
 
 Progress = Callable[[int, float], None]  # (step, loss)
@@ -136,13 +137,13 @@ def pretrain_vision(
     scenes: Sequence[dict] | None = None,
     dense_weight: float = 1.0,
     cell_position: bool = True,
-) -> SiglipVisionModel:
+) -> PreTrainedModel:
     """A SigLIP vision tower trained with the sigmoid contrastive loss against caption bag-of-words, plus
     (given the images' `scenes`) `dense_weight` x the per-patch cross-entropy of what each patch's cell holds
     and, with `cell_position`, of which cell it is in."""
     torch.manual_seed(seed)
-    cfg = SiglipVisionConfig(**{**config, "vision_use_head": False})
-    tower = SiglipVisionModel(cfg)
+    spec, tower = build_tower({**config, "model_type": "siglip"})  # the SigLIP family, no pooling head
+    cfg = spec.config
     dim = cfg.hidden_size
     text = _BagOfWords(len(tokenizer), dim)
     head = nn.Linear(dim, dim)
@@ -156,7 +157,7 @@ def pretrain_vision(
     params = [*tower.parameters(), *text.parameters(), *head.parameters(), *dense.parameters(), log_t, bias]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = one_cycle(opt, lr, steps)
-    transform = ImageTransform(image_size=cfg.image_size)
+    transform = spec.transform
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
     tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
     rng = random.Random(seed)

@@ -151,7 +151,7 @@ def generate_answers(
     model, tokenizer, mode = load_trained(checkpoint, device)
     gen_cfg = GenerationConfig(**{**asdict(gen_cfg), "mask_mode": mask or mode})
     generator = Generator(model, tokenizer, gen_cfg)
-    transform = ImageTransform(image_size=model.vision.config.image_size)
+    transform = model.image_transform
     samples, answers = [], []
     with progress_bar(console) as progress:
         task = progress.add_task(title, total=count_samples(data, limit))

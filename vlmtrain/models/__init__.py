@@ -1,1 +1,1 @@
-"""Models: SigLIP vision tower, MLP projector, Qwen2 LM, their composition, masks, noise and freezing."""
+"""Models: vision towers by family (backbones/vision), MLP projector, causal LM, their composition, masks, noise, freezing."""

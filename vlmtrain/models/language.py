@@ -6,7 +6,14 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from vlmtrain.models.strict_load import checkpoint_config, load_strict
 from vlmtrain.precision import LOAD_DTYPE
+
+SUPPORTED_LANGUAGE = (
+    "language models load through AutoModelForCausalLM (any model_type it maps to a causal LM)"
+)
+# The output head of a tied-embedding LM is the input embedding: a checkpoint need not store it.
+TIED_HEAD = r"^lm_head\.weight$"
 
 ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
 
@@ -41,7 +48,11 @@ def language_config_from_dict(config: dict[str, Any]):
 def load_language_model(
     name_or_path: str | None, config: dict[str, Any] | None = None, backend: str = "sdpa"
 ) -> PreTrainedModel:
-    """A causal LM from a hub id / local dir or a config dict, with the attention kernel of `backend`."""
+    """A causal LM from a hub id / local dir or a config dict, with the attention kernel of `backend`.
+
+    A checkpoint must fill every weight of the model (vlmtrain.models.strict_load): a partial download is an
+    error, never a partly random LM.
+    """
     impl = attn_implementation(resolve_attn_backend(backend))
     # fp32 whatever the checkpoint's dtype (Qwen2.5 ships bf16): the precision policy's load dtype.
     if config is not None:
@@ -50,4 +61,12 @@ def load_language_model(
         )
     if name_or_path is None:
         raise ValueError("give a language model checkpoint (hub id or directory) or a language_config")
-    return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=impl, dtype=LOAD_DTYPE)
+    return load_strict(
+        AutoModelForCausalLM,
+        name_or_path,
+        model_type=str(checkpoint_config(name_or_path).get("model_type")),
+        supported=SUPPORTED_LANGUAGE,
+        ignored_unexpected=(TIED_HEAD,),
+        attn_implementation=impl,
+        dtype=LOAD_DTYPE,
+    )

@@ -1,4 +1,4 @@
-"""VisionLanguageModel: SigLIP -> projector -> causal LM with image features as the sequence prefix.
+"""VisionLanguageModel: vision tower -> projector -> causal LM with image features as the sequence prefix.
 
 Input embedding as in the paper: I = [p_1 .. p_P, L_1 .. L_n]. A batch carries the image as P placeholder
 tokens (`image_flags`) whose embeddings are replaced by the projected patch features, so text-only samples,
@@ -16,19 +16,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, SiglipVisionConfig, SiglipVisionModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmtrain import __version__
 from vlmtrain.config.schema import ModelConfig
+from vlmtrain.data.image_transform import ImageTransform
 from vlmtrain.data.tokenizer import image_token_id
 from vlmtrain.durable import fsync_file, replace_durably, write_text_durably
+from vlmtrain.models.backbones.vision import (
+    VisionFamily,
+    build_tower,
+    family_by_name,
+    family_for_model_type,
+    family_of_config,
+    load_tower,
+)
 from vlmtrain.models.language import language_config_from_dict, load_language_model, resolve_attn_backend
 from vlmtrain.models.loss import supervised_index as find_supervised
 from vlmtrain.models.loss import token_losses
 from vlmtrain.models.masks import attention_windows, position_ids_from_sample_ids, prepare_mask
 from vlmtrain.models.projector import Projector
-from vlmtrain.models.vision import load_vision_tower, num_patches, select_features
-from vlmtrain.precision import LOAD_DTYPE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "vlm_config.json"
@@ -57,61 +64,99 @@ class VisionLanguageModel(nn.Module):
 
     def __init__(
         self,
-        vision: SiglipVisionModel,
+        vision: PreTrainedModel,
         projector: Projector,
         language: PreTrainedModel,
         image_token_id: int,
-        vision_feature_layer: int = -1,
+        vision_feature_layer: int | None = None,
         attn_backend: str = "sdpa",
+        image_transform: ImageTransform | None = None,
+        vision_family: VisionFamily | None = None,
     ) -> None:
+        """`vision` is a tower of a registered family (read from its config's model_type unless given);
+        `vision_feature_layer` None is the family's default; `image_transform` None is its default preprocessing."""
         super().__init__()
         self.vision = vision
         self.projector = projector
         self.language = language
         self.image_token_id = image_token_id
-        self.vision_feature_layer = vision_feature_layer
         self.attn_backend = attn_backend
-        self.num_image_tokens = num_patches(vision.config)
+        family = vision_family or family_of_config(vision.config)
+        self.vision_family = family
+        self.vision_feature_layer = (
+            family.default_feature_layer if vision_feature_layer is None else vision_feature_layer
+        )
+        family.used_layers(vision.config, self.vision_feature_layer)  # validates the index
+        self.image_transform = image_transform or family.default_transform(vision.config)
+        self.vision_skip_tokens = family.skip_tokens(vision.config)
+        self.pixel_shuffle = projector.pixel_shuffle
+        side = family.grid_side(vision.config, self.image_transform.image_size)
+        if side % self.pixel_shuffle:
+            raise ValueError(
+                f"model.pixel_shuffle={self.pixel_shuffle} does not divide the {side} x {side} patch grid of "
+                f"{self.image_size} px images (patch {vision.config.patch_size}); choose a divisor of {side}"
+            )
+        self.num_patches = side * side  # tokens the tower gives per image, after dropping CLS / registers
+        self.num_image_tokens = self.num_patches // self.pixel_shuffle**2  # tokens the LM sees per image
         # Sliding-window layers (Gemma 3) get the stage mask intersected with their window, per layer type.
         self.attn_windows = attention_windows(language.config)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the tower reads (the preprocessing's output)."""
+        return self.image_transform.image_size
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> VisionLanguageModel:
         """Load or build every component as `cfg` says; the tokenizer provides the image token."""
-        vision = load_vision_tower(cfg.vision, cfg.vision_config)
+        spec, vision = load_tower(cfg.vision) if cfg.vision is not None else build_tower(cfg.vision_config)
         language = load_language_model(cfg.language, cfg.language_config, cfg.attn_backend)
         img_id = image_token_id(tokenizer)
         if len(tokenizer) > language.get_input_embeddings().num_embeddings:
             language.resize_token_embeddings(len(tokenizer))
         projector = Projector(
-            vision.config.hidden_size, language.config.hidden_size, cfg.projector_hidden_act
+            spec.family.hidden_size(vision.config),
+            language.config.hidden_size,
+            cfg.projector_hidden_act,
+            cfg.pixel_shuffle,
         )
         backend = resolve_attn_backend(cfg.attn_backend)
-        return cls(vision, projector, language, img_id, cfg.vision_feature_layer, backend)
+        return cls(
+            vision,
+            projector,
+            language,
+            img_id,
+            cfg.vision_feature_layer,
+            backend,
+            spec.transform,
+            spec.family,
+        )
 
     def module_groups(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "projector": self.projector, "language": self.language}
 
     def unused_parameters(self) -> list[nn.Parameter]:
-        """Parameters no forward pass reaches: they must stay frozen (they would never get gradients)."""
-        n_layers = self.vision.config.num_hidden_layers
-        layer = self.vision_feature_layer % (n_layers + 1)  # index into hidden_states (0 = embeddings)
-        # hidden_states are taken before SigLIP's post_layernorm, and layers past `layer` do not feed it.
-        unused = list(self.vision.post_layernorm.parameters())
-        for i in range(layer, n_layers):
-            unused += list(self.vision.encoder.layers[i].parameters())
-        return unused
+        """Parameters no forward pass reaches: they must stay frozen (they would never get gradients).
+
+        The family says which (vlmtrain.models.backbones.vision): modules after the hidden states (SigLIP's and
+        CLIP's post_layernorm, DINOv2's final layernorm and mask token) and the layers past the feature layer.
+        """
+        params = dict(self.vision.named_parameters())
+        return [
+            params[n]
+            for n in self.vision_family.unused_parameter_names(self.vision, self.vision_feature_layer)
+        ]
 
     # ---- forward ------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image tokens [N, P, d_text]; a frozen tower runs without autograd."""
         tower_trains = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
-            feats = select_features(
+            feats = self.vision_family.features(  # [N, P, d_vision], CLS / registers dropped
                 self.vision, pixel_values.to(self.vision.dtype), self.vision_feature_layer
             )
-        return self.projector(feats.to(self.projector.linear_1.weight.dtype))
+        return self.projector(feats.to(self.projector.linear_1.weight.dtype))  # [N, P / k^2, d_text]
 
     def check_image_slots(self, image_flags: torch.Tensor, n_images: int) -> None:
         """The batch holds exactly `num_image_tokens` placeholder positions per image (read on the host)."""
@@ -188,12 +233,17 @@ class VisionLanguageModel(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {
             "vlmtrain_version": __version__,
+            "vision_family": self.vision_family.name,
             "vision_config": self.vision.config.to_dict(),
+            "vision_skip_tokens": self.vision_skip_tokens,
+            "image_preprocessing": self.image_transform.to_dict(),
+            "pixel_shuffle": self.pixel_shuffle,
             "language_config": self.language.config.to_dict(),
             "projector": {
                 "vision_dim": self.projector.vision_dim,
                 "text_dim": self.projector.text_dim,
                 "act": self.projector.act_name,
+                "pixel_shuffle": self.projector.pixel_shuffle,
             },
             "image_token_id": self.image_token_id,
             "vision_feature_layer": self.vision_feature_layer,
@@ -230,19 +280,33 @@ class VisionLanguageModel(nn.Module):
                 raise FileNotFoundError(f"{path} not found: {directory} is not a vlmtrain model directory")
         cfg = json.loads(cfg_path.read_text())
         backend = resolve_attn_backend(attn_backend or cfg.get("attn_backend", "sdpa"))
-        vision_cfg = SiglipVisionConfig.from_dict(cfg["vision_config"])
-        vision_cfg._attn_implementation = "sdpa"
-        vision = SiglipVisionModel(vision_cfg).to(LOAD_DTYPE)
+        where = str(cfg_path)
+        vision_cfg = cfg["vision_config"]
+        if "vision_family" in cfg:
+            family = family_by_name(cfg["vision_family"], where)
+        else:  # written before families: a SigLIP tower
+            family = family_for_model_type(vision_cfg.get("model_type", "siglip"), where)
+        transform = (
+            ImageTransform.from_dict(cfg["image_preprocessing"]) if "image_preprocessing" in cfg else None
+        )
+        vision = family.build(family.config_from_dict(vision_cfg))
         language = load_language_model(None, _strip_config(cfg["language_config"]), backend)
         p = cfg["projector"]
         model = cls(
             vision,
-            Projector(p["vision_dim"], p["text_dim"], p["act"]),
+            Projector(p["vision_dim"], p["text_dim"], p["act"], p.get("pixel_shuffle", 1)),
             language,
             cfg["image_token_id"],
             cfg["vision_feature_layer"],
             backend,
+            transform,
+            family,
         )
+        for key in ("num_image_tokens", "vision_skip_tokens"):
+            if key in cfg and cfg[key] != getattr(model, key):
+                raise ValueError(
+                    f"{where}: {key} is {cfg[key]} but the model it describes has {getattr(model, key)}"
+                )
         missing, unexpected = load_model(model, str(weights), strict=True)
         if missing or unexpected:
             raise ValueError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -37,7 +37,7 @@ PARTS = ("vision", "vision_attention", "projector", "language", "language_attent
 # ---- shapes ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StackShape:
-    """Matmul shapes of one transformer stack (SigLIP's encoder, Qwen2's decoder)."""
+    """Matmul shapes of one transformer stack (a vision tower's encoder, Qwen2's decoder)."""
 
     hidden: int
     intermediate: int
@@ -45,7 +45,10 @@ class StackShape:
     heads: int
     kv_heads: int
     head_dim: int
-    gated_mlp: bool  # SwiGLU (gate, up, down) rather than fc1, fc2
+    gated_mlp: bool  # SwiGLU (gate, up, down; DINOv2-giant's fused gate+up) rather than fc1, fc2
+    layer_scale: bool = (
+        False  # a learned scale multiplies the MLP output (DINOv2): backward saves that output
+    )
 
     def linear_flops_per_token(self) -> int:
         """Forward FLOPs of one layer's weight matmuls for one token: q, k, v, o and the MLP."""
@@ -59,8 +62,11 @@ class StackShape:
 
         The whole forward but the MLP's output projection: torch's non-reentrant checkpoint (what the trainer
         enables) stops recomputing once the last tensor backward saved is rebuilt (`early stop`, on by default),
-        and nothing of the layer's after the down/fc2 projection is saved.
+        and nothing of the layer's after the down/fc2 projection is saved. With a layer scale after it (DINOv2) the
+        projection's output is saved for the scale's gradient, so the whole forward is recomputed.
         """
+        if self.layer_scale:
+            return self.linear_flops_per_token()
         return self.linear_flops_per_token() - 2 * self.intermediate * self.hidden
 
     def attention_flops_per_pair(self) -> int:
@@ -74,34 +80,41 @@ class ModelShape:
 
     vision: StackShape
     vision_layers_used: int  # layers below the feature layer: backward (and recompute) stop there
-    image_tokens: int  # patches per image
+    vision_tokens: int  # the tower's sequence per image: patches + leading CLS / register tokens
+    image_tokens: int  # LM tokens per image: patches / pixel_shuffle^2
     patch_flops: int  # patch-embedding convolution, forward FLOPs per image
-    projector_in: int
+    projector_in: int  # pixel_shuffle^2 x the tower's width
     projector_out: int
     language: StackShape
     vocab: int  # rows of the LM head
 
     @classmethod
-    def from_configs(
+    def from_parts(
         cls,
+        family: Any,
         vision_config: Any,
+        image_size: int,
+        vision_feature_layer: int,
         language_config: Any,
-        vision_feature_layer: int = -1,
+        pixel_shuffle: int = 1,
         vocab: int | None = None,
     ) -> ModelShape:
-        """From a SiglipVisionConfig and a Qwen2-style config; `vocab` defaults to the config's vocab_size."""
+        """From the tower's family and config (vlmtrain.models.backbones.vision), the square input size, and a
+        Qwen2-style LM config; `vocab` defaults to the config's vocab_size."""
         v, lm = vision_config, language_config
-        side = v.image_size // v.patch_size
+        side = family.grid_side(v, image_size)
         patches = side * side
+        tower = family.tower_shape(v)
         head_dim = getattr(lm, "head_dim", None) or lm.hidden_size // lm.num_attention_heads
         vision = StackShape(
-            v.hidden_size,
-            v.intermediate_size,
-            v.num_hidden_layers,
-            v.num_attention_heads,
-            v.num_attention_heads,
-            v.hidden_size // v.num_attention_heads,
-            gated_mlp=False,
+            tower.hidden,
+            tower.intermediate,
+            tower.layers,
+            tower.heads,
+            tower.heads,
+            tower.hidden // tower.heads,
+            gated_mlp=tower.gated_mlp,
+            layer_scale=tower.layer_scale,
         )
         language = StackShape(
             lm.hidden_size,
@@ -114,10 +127,11 @@ class ModelShape:
         )
         return cls(
             vision=vision,
-            vision_layers_used=vision_feature_layer % (v.num_hidden_layers + 1),
-            image_tokens=patches,
-            patch_flops=2 * patches * v.num_channels * v.patch_size * v.patch_size * v.hidden_size,
-            projector_in=v.hidden_size,
+            vision_layers_used=family.used_layers(v, vision_feature_layer),
+            vision_tokens=patches + family.skip_tokens(v),
+            image_tokens=patches // (pixel_shuffle * pixel_shuffle),
+            patch_flops=2 * patches * v.num_channels * v.patch_size * v.patch_size * tower.hidden,
+            projector_in=tower.hidden * pixel_shuffle * pixel_shuffle,
             projector_out=lm.hidden_size,
             language=language,
             vocab=vocab or lm.vocab_size,
@@ -127,8 +141,14 @@ class ModelShape:
     def from_model(cls, model: Any) -> ModelShape:
         """From a VisionLanguageModel (its head's real row count: the embedding may have been resized)."""
         head = model.language.get_output_embeddings()
-        return cls.from_configs(
-            model.vision.config, model.language.config, model.vision_feature_layer, head.weight.shape[0]
+        return cls.from_parts(
+            model.vision_family,
+            model.vision.config,
+            model.image_size,
+            model.vision_feature_layer,
+            model.language.config,
+            model.pixel_shuffle,
+            head.weight.shape[0],
         )
 
 
@@ -155,9 +175,7 @@ class StepSetup:
             name: any(p.requires_grad for p in module.parameters())
             for name, module in model.module_groups().items()
         }
-        used = ModelShape.from_configs(
-            model.vision.config, model.language.config, model.vision_feature_layer
-        ).vision_layers_used
+        used = ModelShape.from_model(model).vision_layers_used
         return cls(
             mask_mode=mask_mode,
             vision_trains=trains["vision"],
@@ -279,11 +297,12 @@ def micro_batch_flops(shape: ModelShape, setup: StepSetup, layout: BatchLayout) 
     """FLOPs of one micro-batch's forward and backward (and recompute) under `setup`."""
     v, lm = shape.vision, shape.language
     any_trains = setup.vision_trains or setup.projector_trains or setup.language_trains
-    # ---- vision tower: every layer runs forward; backward and recompute reach only the used ones
-    vis_tokens = layout.images * shape.image_tokens
-    vis_linear = vis_tokens * v.linear_flops_per_token()
-    vis_recompute = vis_tokens * v.recompute_flops_per_token() * setup.vision_checkpointed
-    vis_pairs = layout.images * shape.image_tokens * shape.image_tokens * v.attention_flops_per_pair()
+    # ---- vision tower: every layer runs forward; backward and recompute reach only the used ones. Its sequence
+    # includes the CLS / register tokens the projector never sees.
+    tower_tokens = layout.images * shape.vision_tokens
+    vis_linear = tower_tokens * v.linear_flops_per_token()
+    vis_recompute = tower_tokens * v.recompute_flops_per_token() * setup.vision_checkpointed
+    vis_pairs = layout.images * shape.vision_tokens * shape.vision_tokens * v.attention_flops_per_pair()
     patch = layout.images * shape.patch_flops
     vision = Flops(forward=patch + vis_linear * v.layers)
     vision_attn = Flops(forward=vis_pairs * v.layers)
@@ -295,7 +314,8 @@ def micro_batch_flops(shape: ModelShape, setup: StepSetup, layout: BatchLayout) 
             backward=2 * vis_pairs * shape.vision_layers_used,
             recompute=vis_pairs * setup.vision_checkpointed,
         )
-    # ---- projector: Linear(d_v, d_t) -> GELU -> Linear(d_t, d_t)
+    # ---- projector: [pixel shuffle] Linear(k^2 d_v, d_t) -> GELU -> Linear(d_t, d_t) on the image tokens
+    vis_tokens = layout.images * shape.image_tokens
     first = 2 * vis_tokens * shape.projector_in * shape.projector_out
     second = 2 * vis_tokens * shape.projector_out * shape.projector_out
     projector_backward = 0

@@ -24,17 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import SiglipVisionConfig
-
 from vlmtrain.config.load import STAGE_CONFIG_NAME, ConfigError, stage_config_from_dict
 from vlmtrain.config.schema import INIT_OVERRIDES, ModelConfig, StageConfig, given_keys
+from vlmtrain.models.backbones.vision import spec_from_dict
 from vlmtrain.models.language import language_config_from_dict
 from vlmtrain.models.vlm import CONFIG_NAME
 from vlmtrain.train.trainer import FINAL
 
 SOURCES = ("vision", "language", "tokenizer")
 # Config entries that describe a saved file or runtime switches, not the architecture. `vision_use_head`
-# is forced off by the loader (vlmtrain.models.vision) whatever a config says.
+# is forced off by the SigLIP family (vlmtrain.models.backbones.vision.siglip) whatever a config says.
 NOT_ARCHITECTURE = {
     "transformers_version",
     "architectures",
@@ -79,6 +78,7 @@ def reference_from_directory(directory: Path) -> InitReference:
         tokenizer=None,
         vision_feature_layer=cfg["vision_feature_layer"],
         projector_hidden_act=cfg["projector"]["act"],
+        pixel_shuffle=cfg.get("pixel_shuffle", 1),
         attn_backend=cfg.get("attn_backend", "sdpa"),
     )
     return InitReference(model, str(directory), sources_known=False)
@@ -152,7 +152,7 @@ def _architecture(key: str, config: dict[str, Any]) -> dict[str, Any]:
     """A config dict as the full config it builds, without file / runtime entries."""
     data = {k: v for k, v in config.items() if k not in NOT_ARCHITECTURE and not k.startswith("_")}
     if key == "vision_config":
-        built = SiglipVisionConfig.from_dict(data).to_dict()
+        built = spec_from_dict(data).config.to_dict()  # the family's config class (model_type default siglip)
     else:
         built = language_config_from_dict(data).to_dict()
     return {k: v for k, v in built.items() if k not in NOT_ARCHITECTURE and not k.startswith("_")}

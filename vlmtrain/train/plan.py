@@ -101,17 +101,102 @@ PAPER_DATASETS: dict[str, DatasetEstimate] = {
 likely low: `--text-tokens` replaces them (docs/plan.md says what twice the text would cost)."""
 
 # ---- the shipped presets' checkpoints, as their config.json files give them --------------------------------
-KNOWN_VISION = {
+KNOWN_VISION: dict[str, dict[str, Any]] = {
+    # `config`: the tower's config.json entries (the vision_config of a full checkpoint), `model_type` naming the
+    # family; `preprocessor`: its preprocessor_config.json entries that set the input size. The hub files were
+    # not reachable here; the values agree with these public copies (read through a code search):
+    # - SigLIP2 so400m/14: SigLIP's so400m shapes (kvmm's SigLIP2So400mP14: width 1152, 27 layers, 16 heads, MLP
+    #   4304, patch 14); fixed-resolution SigLIP2 checkpoints are SiglipModel (model_type siglip), 224 px;
+    # - CLIP-L/14-336: width 1024, 24 layers, 16 heads, MLP 4096, 336 px, patch 14 (timm's
+    #   vit_large_patch14_clip_336 and a CLIPVisionConfig written for this checkpoint); its old-style
+    #   preprocessor_config.json (CLIPFeatureExtractor): size 336, crop_size 336, resample 3, OpenAI mean / std;
+    # - DINOv2-L (with registers): width 1024, 24 layers, 16 heads, mlp_ratio 4, 518 px, patch 14, layerscale 1.0,
+    #   no SwiGLU, 4 registers (transformers-style configs copied from facebook/dinov2-* and timm's
+    #   vit_large_patch14_[reg4_]dinov2); BitImageProcessor: shortest_edge 256, crop 224, resample 3, ImageNet.
     "google/siglip-so400m-patch14-224": {
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "image_size": 224,
-        "patch_size": 14,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
-    }
+        "config": {
+            "model_type": "siglip",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+        "preprocessor": {"size": {"height": 224, "width": 224}},
+    },
+    "google/siglip2-so400m-patch14-224": {  # fixed-resolution SigLIP2: model_type siglip, so400m's shapes
+        "config": {
+            "model_type": "siglip",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+        "preprocessor": {"size": {"height": 224, "width": 224}},
+    },
+    "openai/clip-vit-large-patch14-336": {
+        "config": {
+            "model_type": "clip",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": 768,
+        },
+        "preprocessor": {"size": 336, "crop_size": 336, "do_center_crop": True},
+    },
+    "facebook/dinov2-large": {
+        "config": {
+            "model_type": "dinov2",
+            "hidden_size": 1024,
+            "mlp_ratio": 4,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 518,
+            "patch_size": 14,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-6,
+            "layerscale_value": 1.0,
+            "use_swiglu_ffn": False,
+        },
+        "preprocessor": {
+            "size": {"shortest_edge": 256},
+            "crop_size": {"height": 224, "width": 224},
+            "do_center_crop": True,
+        },
+    },
+    "facebook/dinov2-with-registers-large": {
+        "config": {
+            "model_type": "dinov2_with_registers",
+            "hidden_size": 1024,
+            "mlp_ratio": 4,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 518,
+            "patch_size": 14,
+            "num_register_tokens": 4,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-6,
+            "layerscale_value": 1.0,
+            "use_swiglu_ffn": False,
+        },
+        "preprocessor": {
+            "size": {"shortest_edge": 256},
+            "crop_size": {"height": 224, "width": 224},
+            "do_center_crop": True,
+        },
+    },
 }
 KNOWN_LANGUAGE = {
     "Qwen/Qwen2.5-0.5B": {
@@ -265,25 +350,49 @@ class StagePlan:
 
 def meta_model(model: ModelConfig) -> Any:
     """The VLM on the meta device (no memory, no weights): exact parameter counts and the FLOP model's shapes."""
-    from transformers import AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers import AutoModelForCausalLM
 
     from vlmtrain.models.language import language_config_from_dict
     from vlmtrain.models.projector import Projector
     from vlmtrain.models.vlm import VisionLanguageModel
 
-    vision_cfg = SiglipVisionConfig(**{**_vision_dict(model), "vision_use_head": False})
+    spec = vision_spec(model)
     language_cfg = language_config_from_dict(_language_dict(model))
     with torch.device("meta"):
-        vision = SiglipVisionModel(vision_cfg)
+        vision = spec.family.model_class(spec.config)
         language = AutoModelForCausalLM.from_config(language_cfg)
-        projector = Projector(vision_cfg.hidden_size, language_cfg.hidden_size, model.projector_hidden_act)
-    return VisionLanguageModel(vision, projector, language, 0, model.vision_feature_layer)
+        projector = Projector(
+            spec.family.hidden_size(spec.config),
+            language_cfg.hidden_size,
+            model.projector_hidden_act,
+            model.pixel_shuffle,
+        )
+    return VisionLanguageModel(
+        vision, projector, language, 0, model.vision_feature_layer, "sdpa", spec.transform, spec.family
+    )
 
 
-def _vision_dict(model: ModelConfig) -> dict[str, Any]:
+def vision_spec(model: ModelConfig) -> Any:
+    """The tower's family, config and preprocessing: from `vision_config`, a known hub id, or a local checkpoint
+    directory (its config.json and preprocessor_config.json; no weights are read)."""
+    from vlmtrain.data.image_transform import ImageTransform
+    from vlmtrain.models.backbones.vision import TowerSpec, spec_from_checkpoint, spec_from_dict
+
     if model.vision_config is not None:
-        return dict(model.vision_config)
-    return _known_or_local(model.vision, KNOWN_VISION, "vision")
+        return spec_from_dict(model.vision_config)
+    if model.vision in KNOWN_VISION:
+        known = KNOWN_VISION[model.vision]
+        spec = spec_from_dict(known["config"])
+        transform = ImageTransform.from_preprocessor_config(
+            known["preprocessor"], model.vision, spec.transform
+        )
+        return TowerSpec(spec.family, spec.config, transform)
+    if (Path(str(model.vision)) / "config.json").is_file():
+        return spec_from_checkpoint(str(model.vision))
+    raise ValueError(
+        f"model.vision: plan knows the shapes of {sorted(KNOWN_VISION)} and of local checkpoint directories; "
+        f"{model.vision!r} is neither (give model.vision_config, or a directory with a config.json)"
+    )
 
 
 def _language_dict(model: ModelConfig) -> dict[str, Any]:
@@ -298,7 +407,7 @@ def _known_or_local(name: str | None, known: Mapping[str, dict[str, Any]], part:
     config = Path(str(name)) / "config.json"
     if config.is_file():
         data = json.loads(config.read_text())
-        return data.get("vision_config", data) if part == "vision" else data
+        return data
     raise ValueError(
         f"model.{part}: plan knows the shapes of {sorted(known)} and of local checkpoint directories; "
         f"{name!r} is neither (give model.{part}_config, or a directory with a config.json)"
@@ -325,6 +434,7 @@ def resolve_model(stage: StageConfig, stages: Mapping[str, StageConfig]) -> Mode
                 language_config=cfg["language_config"],
                 vision_feature_layer=cfg["vision_feature_layer"],
                 projector_hidden_act=cfg["projector"]["act"],
+                pixel_shuffle=cfg.get("pixel_shuffle", 1),
             )
         else:
             from vlmtrain.config.load import ConfigError, load_stage_config
@@ -419,7 +529,7 @@ def memory_per_gpu(
     )
     if setup.vision_trains:
         acts += stack_activation_bytes(
-            shape.vision, shape.vision_layers_used, setup.vision_checkpointed, micro * image
+            shape.vision, shape.vision_layers_used, setup.vision_checkpointed, micro * shape.vision_tokens
         )
     acts += head_activation_bytes(
         int(tokens_in_row * supervised_share), shape.language.hidden, shape.vocab, setup.language_trains

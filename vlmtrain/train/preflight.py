@@ -22,8 +22,9 @@ What is checked, per stage unless said otherwise:
 - the run directory can be written: a probe file is created and removed in it, or in its nearest existing
   parent (nothing is left behind, and no folder is created);
 - `model.vision` / `language` / `tokenizer` of stages built from `model`: an existing directory with the
-  files `from_pretrained` reads, or a valid hub id; when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
-  or the hub endpoint does not answer), that the hub id is in the local Hugging Face cache;
+  files `from_pretrained` reads (a tower's config.json naming a supported vision family), or a valid hub id;
+  when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or the hub endpoint does not answer), that the hub
+  id is in the local Hugging Face cache;
 - `train.wandb` / `train.tensorboard`: the optional package is installed.
 
 Cost: file stats (one per local shard), a few HTTP requests per remote source and one to the hub endpoint
@@ -481,6 +482,8 @@ def check_model_sources(items: Sequence[ModelSource]) -> tuple[list[Problem], li
                 problems.append(
                     Problem(item.where, f"{item.source} lacks {missing}; point it at a saved checkpoint")
                 )
+            elif item.where.endswith(".vision"):
+                problems += tower_family_problems(item)
             continue
         try:
             validate_repo_id(item.source)
@@ -494,6 +497,18 @@ def check_model_sources(items: Sequence[ModelSource]) -> tuple[list[Problem], li
             continue
         hub.append(item)
     return problems, hub
+
+
+def tower_family_problems(item: ModelSource) -> list[Problem]:
+    """A local tower directory whose config.json `model_type` no vision family reads (one JSON read)."""
+    from vlmtrain.models.backbones.vision import family_for_model_type
+
+    try:
+        model_type = json.loads((Path(item.source) / "config.json").read_text()).get("model_type")
+        family_for_model_type(str(model_type), f"{item.source} (config.json)")
+    except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+        return [Problem(item.where, str(err))]
+    return []
 
 
 def offline_reason(env: Mapping[str, str], probe: Callable[[], str | None] | None = None) -> str | None:

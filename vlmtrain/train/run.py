@@ -65,7 +65,7 @@ def make_loader_factory(
     training: bool = True,
 ):
     """Reader state -> this rank's loader. `training=False`: one unshuffled pass (validation)."""
-    from vlmtrain.data.process import ImageTransform, ProcessorConfig, SampleProcessor
+    from vlmtrain.data.process import ProcessorConfig, SampleProcessor
     from vlmtrain.data.stream import build_loader
 
     processor = SampleProcessor(
@@ -76,7 +76,7 @@ def make_loader_factory(
             caption_choice=stage.data.caption_choice,
             seed=stage.train.seed,
         ),
-        ImageTransform(image_size=model.vision.config.image_size),
+        model.image_transform,  # the tower's preprocessing (vlm_config.json)
     )
 
     # A token budget (training only) makes each item a step group: the rank's share of the global batch.

@@ -87,13 +87,11 @@ class Validator:
         return total_loss / total_tokens if total_tokens else float("nan")
 
     # ---- CIDEr ----------------------------------------------------------------------------------------
-    def caption_samples(self, image_size: int) -> list[Any]:
+    def caption_samples(self, transform: Any) -> list[Any]:
         """The caption samples every rank lists alike: within the first `max_samples`, those with an image
         and references, in shard order."""
-        from vlmtrain.data.process import ImageTransform
         from vlmtrain.eval.run import iter_eval_samples
 
-        transform = ImageTransform(image_size=image_size)
         samples = [
             s
             for s in iter_eval_samples(self.cfg.data, transform, self.cfg.max_samples)
@@ -121,7 +119,7 @@ class Validator:
         starts = list(range(0, len(samples), self.chunk))
         world, rank = self.ctx.world_size, self.ctx.rank
         rounds = -(-len(starts) // world)
-        size = model.vision.config.image_size
+        size = model.image_size
         blank = EvalSample("", {}, torch.zeros((3, size, size)))
         out: dict[int, str] = {}
         with engine.generator(self.tokenizer, config) as gen:
@@ -138,7 +136,7 @@ class Validator:
 
     def cider(self, engine: Engine) -> float:
         """Collective: CIDEr of the greedy captions of the caption samples, the same value on every rank."""
-        samples = self.caption_samples(engine.module.vision.config.image_size)
+        samples = self.caption_samples(engine.module.image_transform)
         parts = gather_objects(self.captions(engine, samples))
         result: tuple[float | None, str | None] = (None, None)
         if self.ctx.is_main:

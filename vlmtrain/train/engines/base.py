@@ -124,7 +124,7 @@ class Engine(ABC):
         m = self.module
         empty = torch.zeros((0, 0), dtype=torch.long, device=self.ctx.device)
         batch = {"input_ids": empty, "labels": empty, "image_flags": empty.bool(), "sample_ids": empty}
-        return with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
+        return with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.image_size)
 
     def all_ranks_done(self, done: bool) -> bool:
         """Collective (one all-reduce; none in a world of one): whether `done` holds on every rank."""

@@ -137,7 +137,7 @@ class DeepSpeedEngine(Engine):
             # filled in the order they become ready, and a rank that skipped the path would mix them up.
             # ZeRO-3 all-gathers each module's weights as it runs, so even a frozen tower must run everywhere.
             m = self.module
-            batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.vision.config.image_size)
+            batch = with_blank_image(batch, m.image_token_id, m.num_image_tokens, m.image_size)
         return self.engine(**batch, mask_mode=mask_mode)
 
     def _mode_module(self) -> torch.nn.Module:

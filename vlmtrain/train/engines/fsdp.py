@@ -218,7 +218,7 @@ class FSDPEngine(Engine):
                 batch,
                 self.module.image_token_id,
                 self.module.num_image_tokens,
-                self.module.vision.config.image_size,
+                self.module.image_size,
             )
         return self.module(**batch, mask_mode=mask_mode)
 

@@ -1,0 +1,1 @@
+"""Backbones of several families: vision towers (vision/), each behind one interface."""
