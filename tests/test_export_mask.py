@@ -24,7 +24,6 @@ from vlmtrain.eval.generate import GenerationConfig, Generator
 from vlmtrain.export import export_hf, export_model
 from vlmtrain.hf_remote.modeling_vlmtrain_llava import pixel_shuffle
 from vlmtrain.models.projector import Projector
-from vlmtrain.models.vision import select_features
 from vlmtrain.models.vlm import VisionLanguageModel
 
 MAX_NEW = 40
@@ -307,9 +306,8 @@ class LoopFeaturesVLM(VisionLanguageModel):
     patches, written as loops over patch coordinates (the brute-force reference for the export)."""
 
     def encode_images(self, pixel_values):
-        hidden = select_features(self.vision, pixel_values, self.vision_feature_layer)[
-            :, self.vision_skip_tokens :
-        ]
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states[self.vision_feature_layer][:, self.vision_skip_tokens :]
         k = self.pixel_shuffle
         s = int(hidden.shape[1] ** 0.5)
         rows = []
@@ -322,7 +320,8 @@ class LoopFeaturesVLM(VisionLanguageModel):
                     ]
                     tokens.append(torch.cat(patches))
             rows.append(torch.stack(tokens))
-        return self.projector(torch.stack(rows))
+        merged = torch.stack(rows)
+        return self.projector.linear_2(self.projector.act(self.projector.linear_1(merged)))
 
 
 def tower(family: str):
@@ -351,9 +350,10 @@ def test_export_takes_skipped_tokens_and_pixel_shuffle(family, skip, k, fmt, mas
 
     language = load_language_model(None, language_cfg, "sdpa")
     d = vision.config.hidden_size
-    model = LoopFeaturesVLM(vision, Projector(d * k * k, 64), language, image_token_id(tokenizer))
-    model.vision_skip_tokens, model.pixel_shuffle = skip, k
-    model.num_image_tokens = (TINY_VISION["image_size"] // TINY_VISION["patch_size"] // k) ** 2
+    model = LoopFeaturesVLM(vision, Projector(d, 64, pixel_shuffle=k), language, image_token_id(tokenizer))
+    # the tower family decides what is dropped; the brute force above reads it back
+    assert (model.vision_skip_tokens, model.pixel_shuffle) == (skip, k)
+    assert model.num_image_tokens == (TINY_VISION["image_size"] // TINY_VISION["patch_size"] // k) ** 2
     model.eval()
     export_model(model, tokenizer, tmp_path / "hf", fmt, trained=mask)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

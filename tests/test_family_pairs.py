@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,6 @@ from train_fixtures import (
 )
 from vision_fixtures import CASES, save_tower
 
-from vlmtrain.data.process import ImageTransform
 from vlmtrain.data.prompt import CAPTION_PROMPT, question_messages
 from vlmtrain.eval.generate import GenerationConfig, Generator
 from vlmtrain.export import export_hf
@@ -108,8 +106,9 @@ def test_pair_trains_on_two_ranks_captions_and_exports(tmp_path, data, tower, lm
         theirs = hf(**inputs).logits
     torch.testing.assert_close(theirs, vlmtrain_logits(model, inputs, "prefix"), atol=1e-5, rtol=1e-5)
     gen = Generator(model, tokenizer, GenerationConfig(max_new_tokens=MAX_NEW, mask_mode="prefix"))
-    transform = ImageTransform.for_model(model) if hasattr(ImageTransform, "for_model") else None
-    pixels = (transform or ImageTransform(model.vision.config.image_size))(image)[None]
+    pixels = model.image_transform(image)[
+        None
+    ]  # the tower family's preprocessing, as the checkpoint records it
     (ours,) = gen.generate([gen.prompt(question_messages(CAPTION_PROMPT), has_image=True)], pixels)
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():

@@ -520,7 +520,6 @@ def memory_per_gpu(
     `supervised_share`: the fraction of a row's tokens that are supervised (the loss's hidden-state gradient);
     1.0, the most, when the data's is not known (`micro_batch_size: auto` in training)."""
     shape, setup = shapes.shape, shapes.setup
-    image = shapes.vlm.num_image_tokens
     # A token-budget micro-batch holds at most token_budget positions, whatever its row count.
     row = stage.data.pack_length or stage.data.max_length
     tokens_in_row = stage.data.token_budget or micro * row
