@@ -81,13 +81,14 @@ def test_pair_trains_on_two_ranks_captions_and_exports(tmp_path, data, tower, lm
     stage = tmp_path / "run" / cfg["name"]
     losses = [r["loss"] for r in read_metrics(stage / "metrics.jsonl")]
     assert len(losses) == STEPS
+    print(f"{tower}+{lm} on {engine}: first {losses[0]:.3f}, mean of the last 4 {sum(losses[-4:]) / 4:.3f}")
     assert sum(losses[-4:]) / 4 < losses[0] - LOSS_DROP_NATS, losses
     final = stage / "final"
     saved = json.loads((final / "vlm_config.json").read_text())
     assert saved["vision_family"] == CASES[tower].family
 
     # vlmtrain caption (a subprocess, as a user runs it) answers with the model's greedy caption
-    image_path = sorted((data.root / "corpus" / "images").glob("*"))[0]
+    image_path = sorted((data.root / "corpus" / "images" / "test").glob("*.png"))[0]  # not trained on
     caption = subprocess.run(
         [PYTHON, "-m", "vlmtrain.cli", "caption", "--checkpoint", str(final), str(image_path)],
         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300, check=True,

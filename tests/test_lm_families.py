@@ -217,7 +217,8 @@ def brute_mask(sample_ids: torch.Tensor, flags: torch.Tensor, mode: str, window:
                     ok = k <= q
                 else:  # prefix: image keys visible to the sample; text keys to text queries at or after them
                     ok = bool(flags[r, k]) or (not flags[r, q] and k <= q)
-                if window is not None and abs(q - k) >= window and sq != 0:
+                image_pair = bool(flags[r, q]) and bool(flags[r, k])  # an image sees all of itself (Gemma 3)
+                if window is not None and abs(q - k) >= window and sq != 0 and not image_pair:
                     ok = False
                 out[r, 0, q, k] = ok
     return out
@@ -307,7 +308,8 @@ def test_windowed_masks_match_brute_force(mode: str, backend: str) -> None:
                 if window is None
                 else torch.tensor([[abs(q - k) < window for k in range(14)] for q in range(14)])
             )
-            want = ((same & near) | pad_diag)[:, None]
+            pairs = flags[:, :, None].bool() & flags[:, None, :].bool()
+            want = ((same & (near | pairs)) | pad_diag)[:, None]
         else:
             want = brute_mask(sample_ids, flags, mode, window)
         expected = additive(want, torch.float32) if backend == "eager" else want

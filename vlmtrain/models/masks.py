@@ -53,8 +53,9 @@ def _allowed(
 ) -> torch.Tensor:
     """The mask rule on broadcastable index tensors; shared by the dense and the FlexAttention builders.
 
-    `window`: a sliding-window layer's width; keys at distance >= window (either side: image tokens see later
-    image tokens) are masked, as Gemma 3's own bidirectional window rule does.
+    `window`: a sliding-window layer's width; keys at distance >= window (either side) are masked, except
+    between two image tokens: as in transformers' Gemma 3 (sliding-window causal OR the image block), an image
+    sees its whole self on every layer, so the stage rule "image sees all image" holds whatever the window.
     """
     same = (sid_q == sid_k) & (sid_q > 0)
     if mode == "bidirectional":
@@ -66,7 +67,7 @@ def _allowed(
         # the whole image); a text key only to text queries at or after it, so image never sees text.
         rule = same & (img_k | (~img_q & (pos_k <= pos_q)))
     if window is not None:
-        rule = rule & ((pos_q - pos_k).abs() < window)
+        rule = rule & (((pos_q - pos_k).abs() < window) | (img_q & img_k))
     return rule | ((sid_q == 0) & (pos_q == pos_k))
 
 
@@ -195,11 +196,14 @@ def prepare_mask(
     if backend == "flex":
         by_window = {w: flex_block_mask(mode, sample_ids, image_flags, w) for w in set(windows.values())}
     else:
-        # The stage rule once; a window only removes far keys: rule & |q - k| < w (padding keeps its diagonal).
+        # The stage rule once; a window only removes far keys that are not both image tokens:
+        # rule & (|q - k| < w | image pair) (padding keeps its diagonal).
         base = sdpa_mask(mode, sample_ids, image_flags)
+        pairs = (image_flags[:, None, :, None] & image_flags[:, None, None, :]).bool()
         by_window = {}
         for w in set(windows.values()):
-            allowed = base if w is None else base & _band(sample_ids.shape[1], w, sample_ids.device)
+            near = _band(sample_ids.shape[1], w, sample_ids.device) if w is not None else None
+            allowed = base if near is None else base & (near | pairs)
             by_window[w] = additive(allowed, dtype) if backend == "eager" else allowed
     if set(windows) == {"*"}:
         return by_window[windows["*"]]

@@ -80,8 +80,7 @@ def plan_sharding(model: VisionLanguageModel, stage: StageConfig) -> ShardPlan:
 def transformer_blocks(model: VisionLanguageModel, group: str) -> list[nn.Module]:
     """The repeated blocks of a tower; each becomes an FSDP unit, all-gathered just before it runs."""
     if group == "vision":
-        tower = getattr(model.vision, "vision_model", model.vision)  # transformers 4 nests the tower
-        return list(tower.encoder.layers)
+        return list(model.vision_family.encoder_layers(model.vision))  # SigLIP/CLIP `layers`, DINOv2 `layer`
     if group == "language":
         return list(model.language.get_decoder().layers)
     return []
