@@ -211,7 +211,22 @@ KNOWN_LANGUAGE = {
         "tie_word_embeddings": True,
         "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6,
-    }
+    },
+    # Qwen3-0.6B's config.json (public copies found by code search agree): head_dim 128 is not hidden / heads.
+    "Qwen/Qwen3-0.6B": {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
 }
 
 # ---- memory model -----------------------------------------------------------------------------------------
