@@ -85,7 +85,10 @@ def test_pair_trains_on_two_ranks_captions_and_exports(tmp_path, data, tower, lm
     assert sum(losses[-4:]) / 4 < losses[0] - LOSS_DROP_NATS, losses
     final = stage / "final"
     saved = json.loads((final / "vlm_config.json").read_text())
-    assert saved["vision_family"] == CASES[tower].family
+    case = CASES[tower]
+    assert saved["vision_family"] == case.family and saved["vision_skip_tokens"] == case.skip
+    assert saved["num_image_tokens"] == case.patches
+    assert saved["image_preprocessing"]["image_size"] == case.image_size
 
     # vlmtrain caption (a subprocess, as a user runs it) answers with the model's greedy caption
     image_path = sorted((data.root / "corpus" / "images" / "test").glob("*.png"))[0]  # not trained on

@@ -130,7 +130,7 @@ def test_ask_stops_at_eot_id(run: dict[str, Any], tmp_path: Path) -> None:
 
     model = VisionLanguageModel.from_pretrained(final, attn_backend="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(str(final))
-    image = _load_images([image_path], model.vision.config.image_size)[0]
+    image = _load_images([image_path], model.image_transform)[0]
     ref = reference_greedy(model, tok, image, question)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     assert ref[-1] == eot and len(ref) > 1, f"the trained model does not stop at <|eot_id|>: {ref}"
