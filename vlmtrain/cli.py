@@ -232,8 +232,9 @@ def plan(
         help="Link between nodes: nvlink, ib-ndr, ib-hdr or 100gbe (within a node: NVLink).",
     ),
 ) -> None:
-    """Per stage: samples, steps, tokens, FLOPs, GPU-hours, memory per GPU and communication per step, before
-    anything runs. Warns when a step would be bound by communication."""
+    """Per stage: samples, steps, tokens, FLOPs, GPU-hours, memory and communication per GPU, before anything runs.
+
+    Warns when a step would be bound by communication (--interconnect names the link between nodes)."""
     from vlmtrain.config.load import ConfigError, load_stage_config
     from vlmtrain.config.schema import ValidationError
     from vlmtrain.train.plan import parse_text_tokens, plan_stages, plan_tables, plan_warnings
