@@ -127,20 +127,6 @@ KNOWN_VISION: dict[str, dict[str, Any]] = {
         },
         "preprocessor": {"size": {"height": 224, "width": 224}},
     },
-    "google/siglip2-so400m-patch14-224": {  # fixed-resolution SigLIP2: model_type siglip, so400m's shapes
-        "config": {
-            "model_type": "siglip",
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "num_hidden_layers": 27,
-            "num_attention_heads": 16,
-            "image_size": 224,
-            "patch_size": 14,
-            "hidden_act": "gelu_pytorch_tanh",
-            "layer_norm_eps": 1e-6,
-        },
-        "preprocessor": {"size": {"height": 224, "width": 224}},
-    },
     "openai/clip-vit-large-patch14-336": {
         "config": {
             "model_type": "clip",
@@ -198,6 +184,9 @@ KNOWN_VISION: dict[str, dict[str, Any]] = {
         },
     },
 }
+# Fixed-resolution SigLIP2 so400m/14 at 224 px: model_type siglip and so400m's shapes and preprocessing.
+KNOWN_VISION["google/siglip2-so400m-patch14-224"] = KNOWN_VISION["google/siglip-so400m-patch14-224"]
+
 KNOWN_LANGUAGE = {
     "Qwen/Qwen2.5-0.5B": {
         "model_type": "qwen2",
