@@ -162,27 +162,16 @@ KNOWN_VISION: dict[str, dict[str, Any]] = {
             "do_center_crop": True,
         },
     },
-    "facebook/dinov2-with-registers-large": {
-        "config": {
-            "model_type": "dinov2_with_registers",
-            "hidden_size": 1024,
-            "mlp_ratio": 4,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 518,
-            "patch_size": 14,
-            "num_register_tokens": 4,
-            "hidden_act": "gelu",
-            "layer_norm_eps": 1e-6,
-            "layerscale_value": 1.0,
-            "use_swiglu_ffn": False,
-        },
-        "preprocessor": {
-            "size": {"shortest_edge": 256},
-            "crop_size": {"height": 224, "width": 224},
-            "do_center_crop": True,
-        },
+}
+
+# DINOv2-L with registers: DINOv2-L's shapes and preprocessing plus 4 register tokens.
+KNOWN_VISION["facebook/dinov2-with-registers-large"] = {
+    "config": {
+        **KNOWN_VISION["facebook/dinov2-large"]["config"],
+        "model_type": "dinov2_with_registers",
+        "num_register_tokens": 4,
     },
+    "preprocessor": KNOWN_VISION["facebook/dinov2-large"]["preprocessor"],
 }
 # Fixed-resolution SigLIP2 so400m/14 at 224 px: model_type siglip and so400m's shapes and preprocessing.
 KNOWN_VISION["google/siglip2-so400m-patch14-224"] = KNOWN_VISION["google/siglip-so400m-patch14-224"]
