@@ -27,7 +27,8 @@ What is checked, per stage unless said otherwise:
   id is in the local Hugging Face cache;
 - `train.wandb` / `train.tensorboard`: the optional package is installed.
 
-Cost: file stats (one per local shard), a few HTTP requests per remote source and one to the hub endpoint
+Cost: file stats (one per local shard), a few HTTP requests per remote source (for an http(s) manifest, one
+GET of the manifest itself, a few kilobytes, which loading fetches again) and one to the hub endpoint
 when hub ids are named and HF_HUB_OFFLINE is unset; every rank runs the checks (ranks may not share a file
 system), in well under a second for local data.
 """
