@@ -486,3 +486,61 @@ def test_train_command_with_a_good_config_gets_to_the_first_load(tmp_path: Path,
     proc = run_command(tmp_path, good_config(data), tmp_path / "run")
     assert proc.returncode == LOAD_EXIT_CODE, (proc.stdout + proc.stderr)[-3000:]
     assert f"{MARKER}: load_model_and_tokenizer" in proc.stderr and "config error" not in proc.stderr
+
+
+# ---- /dev/shm of the DataLoader workers --------------------------------------------------------------------
+
+
+def test_shm_need_is_the_collated_item_at_its_largest(data: TrainData) -> None:
+    """An item's bytes are what the collator builds from full-length samples that all have an image."""
+    import torch
+
+    from vlmtrain.data.collate import MODEL_KEYS, pad_collate
+    from vlmtrain.data.process import ProcessedSample
+
+    cfg = stage(good_config(data))  # micro-batch 2, max_length 256 (a multiple of the flex tile), 32 px
+    size, n = 32, cfg.data.max_length
+    need = pf.shm_need(cfg, world_size=1, ranks=3, image_size=size)
+    gen = torch.Generator().manual_seed(0)
+    samples = [
+        ProcessedSample(
+            input_ids=torch.randint(0, 100, (n,), generator=gen),
+            labels=torch.randint(0, 100, (n,), generator=gen),
+            image_flags=torch.arange(n) < 16,
+            pixel_values=torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen),
+            key=str(i),
+            shard="s",
+            index=i,
+        )
+        for i in range(cfg.batch.micro_batch_size)
+    ]
+    batch = pad_collate(samples, pad_token_id=0, image_size=size)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert need.item_bytes == sum(batch[k].nbytes for k in MODEL_KEYS)
+    assert need.total == 3 * cfg.data.num_workers * 2 * need.item_bytes  # ranks x workers x prefetch x item
+
+
+def test_too_little_shm_is_an_error_naming_the_fix(
+    tmp_path: Path, data: TrainData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = stage(good_config(data, data__num_workers=4))
+    need = pf.shm_need(cfg, world_size=1, ranks=1, image_size=32).total
+    assert pf.check_shm(cfg, [cfg], 1, 1, need) == ([], None)
+    problems, _ = pf.check_shm(cfg, [cfg], 1, 1, need - 1)
+    assert [p.where for p in problems] == ["stage0 data.num_workers"]
+    message = problems[0].message
+    assert "--shm-size=1g" in message and "set data.num_workers to 3 or fewer" in message
+    # preflight runs the check with the node's ranks from the launcher and /dev/shm's free bytes
+    monkeypatch.setattr(pf, "shm_free_bytes", lambda: 2 * need - 1)
+    env = {"HF_HUB_OFFLINE": "1", "LOCAL_WORLD_SIZE": "2"}
+    report = pf.preflight([cfg], tmp_path / "run", world_size=1, env=env)
+    assert [p.where for p in report.problems] == ["stage0 data.num_workers"]
+    assert "(2 rank(s) x 4 workers x 2 prefetched" in report.problems[0].message
+    # no workers: batches are made in the training process, nothing goes through /dev/shm
+    idle = stage(good_config(data, data__num_workers=0))
+    assert pf.check_shm(idle, [idle], 1, 1, 0) == ([], None)
+    # micro_batch_size auto is chosen when the stage starts: its largest need is a warning, not an error
+    batch = {"global_batch_size": 8, "micro_batch_size": "auto"}
+    auto = stage(good_config(data, data__num_workers=4, batch=batch))
+    problems, note = pf.check_shm(auto, [auto], 1, 1, 0)
+    assert problems == [] and note is not None and "warning: stage0 data.num_workers" in note

@@ -148,3 +148,51 @@ def test_config_accepts_auto_true_false_only():
     data["train"]["checkpoint_every_n_layers"] = 0
     with pytest.raises(ValueError, match=r"train\.checkpoint_every_n_layers: must be >= 1"):
         stage_config_from_dict(data)
+
+
+def test_auto_recomputes_only_what_the_memory_plan_needs(tiny_model, tiny_model_config, tokenizer, tmp_path):
+    """`auto` against `train.device_memory_gib` on both sides of each estimate; the estimates are computed here
+    from plan's memory model on the meta model of the same config (stage 2: vision and LM train)."""
+    from vlmtrain.train import plan
+    from vlmtrain.train.batching import AUTO_MEMORY_FRACTION, per_rank_samples
+
+    base = load_stage_config(stage=2)
+    off = replace(base, model=tiny_model_config, train=replace(base.train, gradient_checkpointing=False))
+    shapes = plan.stage_shapes(off, tiny_model_config)  # nothing recomputed
+    micro = per_rank_samples(base, 1)  # micro_batch_size auto, not yet resolved: the rank's whole share
+
+    def estimate(vision: bool, language: bool) -> int:
+        setup = replace(
+            shapes.setup,
+            vision_checkpointed=shapes.shape.vision_layers_used if vision else 0,
+            language_checkpointed=shapes.shape.language.layers if language else 0,
+        )
+        return plan.memory_per_gpu(base, replace(shapes, setup=setup), 1, micro).total
+
+    none, both = estimate(False, False), estimate(True, True)
+    singles = sorted([(estimate(True, False), "vision"), (estimate(False, True), "language")])
+    (best, first), (worst, _) = singles
+    assert both < best <= worst < none
+    cases = [  # (planned bytes, towers that recompute)
+        (none * 1.0001, set()),
+        (none * 0.9999, {first}),
+        (best * 1.0001, {first}),
+        (best * 0.9999, {"vision", "language"}),
+        (both * 1.0001, {"vision", "language"}),
+        (both * 0.9999, {"vision", "language"}),  # nothing fits: every trained tower, and the log says so
+    ]
+    apply_trainability(tiny_model, base.modules)
+    for planned, expected in cases:
+        gib = planned / AUTO_MEMORY_FRACTION / 2**30
+        stage = replace(base, train=replace(base.train, device_memory_gib=gib))
+        trainer = Trainer(stage, tmp_path / "s", WORLD_OF_ONE, tiny_model, tokenizer, lambda s: None, 1)
+        with trainer.console.capture() as log:
+            decided = trainer._enable_checkpointing()
+        assert {name for name, on in decided.items() if on} == expected, (planned, log.get())
+        assert {n for n, f in recompute_flags(tiny_model).items() if all(f)} == expected
+        assert not any(f for n, fl in recompute_flags(tiny_model).items() if n not in expected for f in fl)
+        line = " ".join(log.get().split())
+        assert (
+            line.startswith("recompute (auto): ") and f"none {none / 2**20:.1f} MiB" in line
+        )  # tiny: < 1 GiB
+        assert ("nothing fits" in line) == (planned < both)

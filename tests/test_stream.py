@@ -165,6 +165,22 @@ def test_two_ranks_two_workers_read_every_sample_once(dataset: Path, proc: Sampl
     assert dict(per_rank) == state["counters"]["skipped"]
 
 
+def test_workers_hand_out_uint8_pixels(dataset: Path, proc: SampleProcessor) -> None:
+    """Pixels cross from the worker processes as the resized 8-bit image (the model normalizes them)."""
+    seen = 0
+    for batch in loader(dataset, proc, num_workers=2):
+        assert batch["pixel_values"].dtype == torch.uint8
+        with_image = [k for k in batch["keys"] if int(k) % 3 and k != LONG]
+        assert batch["pixel_values"].shape[0] == len(with_image)
+        for key, pixels in zip(with_image, batch["pixel_values"], strict=True):
+            i = int(key)
+            img = Image.open(io.BytesIO(image_bytes(i, "JPEG" if i % 2 else "PNG"))).convert("RGB")
+            ref = np.asarray(img.resize((8, 8), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+            np.testing.assert_array_equal(pixels.numpy(), ref)
+            seen += 1
+    assert seen == sum(1 for k in GOOD_KEYS if int(k) % 3 and k != LONG)
+
+
 def test_batches_have_the_collated_layout(dataset: Path, proc: SampleProcessor) -> None:
     first = next(iter(loader(dataset, proc, num_workers=0)))
     assert first["input_ids"].shape[0] == 3 and first["num_samples"] == 3

@@ -372,16 +372,14 @@ def eval_vqa_cmd(
 
 
 def _load_images(paths: list[Path], transform):
-    """Preprocessed images, with the model's own transform (`model.image_transform`)."""
+    """uint8 images resized by the model's own transform (`model.image_transform`); the model normalizes them."""
     from PIL import Image
-
-    from vlmtrain.data.process import to_rgb
 
     out = []
     for path in paths:
         try:
             with Image.open(path) as img:
-                out.append(transform(to_rgb(img)))
+                out.append(transform.pixels(img))
         except (OSError, ValueError) as err:
             _fail(ValueError(f"{path}: cannot read this image ({err})"))
     return out

@@ -340,7 +340,7 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     """Parameter and compute dtype of the engine."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
-    """Activation recompute per tower. `auto`: the towers whose weights train (the LM in stages 2-3, the vision tower when it trains), none in stages 0-1, where the LM is frozen and only passes gradients to the projector; `true`: also a frozen LM that backward passes through; `false`: none. docs/training.md has the measured costs."""
+    """Activation recompute per tower. `auto`: of the towers whose weights train (the LM in stages 2-3, the vision tower when it trains; none in stages 0-1, where the LM is frozen and only passes gradients to the projector), only those `vlmtrain plan`'s memory estimate of the micro-batch needs to fit `device_memory_gib` (else the CUDA device's memory; fewest towers first, logged at the start; on CPU without device_memory_gib all of them); `true`: every trained tower and also a frozen LM that backward passes through; `false`: none. docs/training.md has the measured costs."""
     checkpoint_every_n_layers: int = 1
     """In a checkpointed tower, recompute every n-th transformer layer (1: all); the others keep their activations, trading memory back for speed."""
     engine: Literal["deepspeed", "fsdp"] = "deepspeed"
@@ -364,7 +364,7 @@ class TrainConfig:
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     """Options of the FSDP2 engine ([FsdpConfig](#fsdpconfig)): hybrid sharding over nodes."""
     device_memory_gib: float | None = None
-    """Memory of one device that `batch.micro_batch_size: auto` plans for; None: the CUDA device's own (on CPU no bound: the rank's whole share of the global batch)."""
+    """Memory of one device that `batch.micro_batch_size: auto` and `gradient_checkpointing: auto` plan for; None: the CUDA device's own (on CPU no bound: the rank's whole share of the global batch, and every trained tower recomputes)."""
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one GPU that the logged MFU divides by; None: looked up from the GPU's name in vlmtrain/train/flops.py (bf16 on CUDA; on CPU, an unknown GPU or fp32 compute the MFU is null and TFLOP/s alone is logged)."""
 

@@ -64,7 +64,8 @@ class ImageTransform:
       int(s x long / short) (transformers' truncation), then center-crop image_size x image_size, top-left
       corner at ((h - image_size) // 2, (w - image_size) // 2).
     Rescale and normalize are folded into one float32 multiply-add, which differs from transformers'
-    float64-rescale-then-float32 arithmetic only in the last bits (~1e-7).
+    float64-rescale-then-float32 arithmetic only in the last bits (~1e-7). The data workers stop at the 8-bit
+    pixels (`pixels`); the model applies `normalize` on the device.
     """
 
     image_size: int = 224
@@ -122,14 +123,40 @@ class ImageTransform:
         top, left = (target[1] - size) // 2, (target[0] - size) // 2
         return rgb.crop((left, top, left + size, top + size))
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """[3, image_size, image_size] float32 pixel values."""
-        chw = np.asarray(self.resized(to_rgb(img))).transpose(2, 0, 1)  # [3, H, W] uint8 view
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """[3, image_size, image_size] uint8: RGB, resized and cropped, not yet rescaled or normalized.
+
+        What the data workers hand to the trainer (a quarter of float32's bytes through /dev/shm, pinned memory
+        and the host-to-device copy); `normalize` finishes the transform on the device.
+        """
+        hwc = np.asarray(self.resized(to_rgb(img)))  # [H, W, 3] uint8
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[..., 3, H, W] uint8 pixels -> (x / 255 - mean) / std in `dtype`, on the pixels' device.
+
+        The one place the rescale and normalization happen, for training, validation, evaluation and
+        generation (VisionLanguageModel.encode_images) and for `__call__`. Computed in float32 as x * scale +
+        offset per channel, with the scale and offset as Python scalars (float32 values) so no device tensor is
+        built or copied per call, then cast once to `dtype`: the same float32 operations as a host-side
+        transform, so on the device the pixels equal the host's bit for bit (a compiled kernel may fuse the
+        multiply-add, within 1 float32 ulp).
+        """
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalize takes uint8 pixels (ImageTransform.pixels), got {pixels.dtype}")
+        if pixels.ndim < 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"normalize takes [..., 3, H, W] pixels, got shape {tuple(pixels.shape)}")
         scale, offset = self._affine
-        out = np.empty(chw.shape, dtype=np.float32)
-        np.multiply(chw, scale, out=out)  # one fused pass per op, straight from uint8
-        out += offset
-        return torch.from_numpy(out)
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+        for c in range(3):  # per channel: scalars, no [3, 1, 1] tensor to move to the device
+            torch.mul(pixels[..., c, :, :], float(scale[c, 0, 0]), out=out[..., c, :, :])
+            out[..., c, :, :].add_(float(offset[c, 0, 0]))
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """[3, image_size, image_size] float32 pixel values, as transformers' image processor gives them (the
+        exported model's contract, and what a vision tower called directly takes)."""
+        return self.normalize(self.pixels(img))
 
     # ---- persistence (vlm_config.json `image_preprocessing`) --------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -102,7 +102,8 @@ class ProcessedSample:
     image_flags: torch.Tensor
     """[T] bool: True at image placeholder positions."""
     pixel_values: torch.Tensor | None
-    """[3, H, W] float32, or None for a text-only sample."""
+    """[3, H, W] uint8, resized and cropped (ImageTransform.pixels; the model normalizes it on the device), or
+    None for a text-only sample."""
     key: str
     """The sample's key in its shard."""
     shard: str
@@ -319,7 +320,7 @@ class SampleProcessor:
         # Decoders raise many exception types on hostile or truncated bytes; any of them is a bad image.
         except Exception as err:
             return Skip("bad_image", f"{type(err).__name__}: {err}")
-        return self.transform(rgb)
+        return self.transform.pixels(rgb)  # uint8: the model normalizes on the device
 
 
 def _parse_json(raw: RawSample) -> dict[str, Any] | Skip:

@@ -419,6 +419,10 @@ def _identity(batch: Batch) -> Batch:
 # ---------------------------------------------------------------------------------------------------------
 
 
+PREFETCH_FACTOR = 2
+"""Batches each DataLoader worker prepares ahead (PyTorch's default); they wait in /dev/shm until handed out."""
+
+
 class StreamLoader:
     """Iterable over batch dicts for one rank, with a resumable ``state_dict()``.
 
@@ -442,7 +446,7 @@ class StreamLoader:
         pack_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         state: dict[str, Any] | None = None,
-        prefetch_factor: int = 2,
+        prefetch_factor: int = PREFETCH_FACTOR,
         pin_memory: bool = False,
         open_shards: int = DEFAULT_OPEN_SHARDS,
         max_corrupt_shards: int | None = None,

@@ -150,7 +150,7 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], pixel_values: torch.Tensor | None) -> list[list[int]]:
         """Generated token ids per prompt (without the stop token). `pixel_values`: [n_images, 3, H, W] in
-        the order of the prompts that have an image."""
+        the order of the prompts that have an image, uint8 (normalized by the model) or normalized floats."""
         if not prompts:
             if self.lockstep:
                 raise ValueError(

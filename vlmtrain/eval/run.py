@@ -78,7 +78,7 @@ def iter_eval_samples(
             image = None
             if ext is not None:
                 try:
-                    image = transform(decode_image(members[ext], ext))
+                    image = transform.pixels(decode_image(members[ext], ext))  # uint8
                 except Exception as err:
                     raise ValueError(
                         f"{shard.path}: sample {key}: cannot decode its {ext} image: {err}"

@@ -149,12 +149,30 @@ class VisionLanguageModel(nn.Module):
         ]
 
     # ---- forward ------------------------------------------------------------------------------------
+    def tower_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's input [N, 3, H, W] in its dtype, normalized on the pixels' device.
+
+        uint8 pixels (what the data workers, evaluation and `vlmtrain caption` / `ask` give: resized, not
+        rescaled) are normalized here by the model's own transform (ImageTransform.normalize), the one place it
+        happens. Floating pixels are taken as already normalized: transformers' `pixel_values` contract, which
+        the exported model's processor follows. Any other dtype is an error.
+        """
+        if pixel_values.dtype == torch.uint8:
+            return self.image_transform.normalize(pixel_values, self.vision.dtype)
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values of dtype {pixel_values.dtype}: pass uint8 pixels (ImageTransform.pixels) or "
+                "normalized floating pixel values (ImageTransform.__call__)"
+            )
+        return pixel_values.to(self.vision.dtype)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image tokens [N, P, d_text]; a frozen tower runs without autograd."""
+        """Projected image tokens [N, P, d_text] from uint8 or normalized pixels (`tower_pixels`); a frozen
+        tower runs without autograd."""
         tower_trains = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
             feats = self.vision_family.features(  # [N, P, d_vision], CLS / registers dropped
-                self.vision, pixel_values.to(self.vision.dtype), self.vision_feature_layer
+                self.vision, self.tower_pixels(pixel_values), self.vision_feature_layer
             )
         return self.projector(feats.to(self.projector.linear_1.weight.dtype))  # [N, P / k^2, d_text]
 

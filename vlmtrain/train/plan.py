@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from rich.table import Table
 
 from vlmtrain.config.schema import ModelConfig, StageConfig
 from vlmtrain.models.loss import CHUNK_BYTES
-from vlmtrain.train.batching import resolve_micro_batch
+from vlmtrain.train.batching import AUTO_MEMORY_FRACTION, resolve_micro_batch
 from vlmtrain.train.flops import (
     GPU_MEMORY_GIB,
     BatchLayout,
@@ -326,6 +326,7 @@ class StagePlan:
     micro_batch: int  # samples per forward (batch.micro_batch_size, `auto` resolved)
     communication: Communication  # per optimizer step
     compute_seconds: float  # model FLOPs of one optimizer step / (GPUs x peak x MFU)
+    recompute: RecomputeChoice | None = None  # `gradient_checkpointing: auto`'s choice (None: true / false)
 
     @property
     def communication_bound(self) -> bool:
@@ -458,10 +459,11 @@ def stage_samples(stage: StageConfig) -> tuple[int, str]:
 
 
 def checkpointed_groups(stage: StageConfig) -> tuple[bool, bool]:
-    """(vision, language) recomputed in backward, as the trainer enables it for `train.gradient_checkpointing`.
+    """(vision, language) recomputed in backward for `train.gradient_checkpointing` without a device memory.
 
-    True: the LM whenever anything trains, the tower when it trains (Trainer._enable_checkpointing). Any other
-    policy value is read as the `auto` rule of issue 12: recompute only a group that trains.
+    True: the LM whenever anything trains, the tower when it trains (Trainer._enable_checkpointing). `auto`
+    without a memory to plan for recomputes every group that trains (issue 12's rule); with one,
+    `choose_recompute` drops what fits without it.
     """
     policy = stage.train.gradient_checkpointing
     vision_trains, language_trains = stage.modules["vision"].trainable, stage.modules["language"].trainable
@@ -482,6 +484,31 @@ class StageShapes:
     params: int
     trainable: int
 
+    def recomputing(self, vision: bool, language: bool, every: int = 1) -> StageShapes:
+        """These shapes with the vision tower and / or the LM recomputed every `every`-th layer (transformers'
+        `every_n_layers`: layers 0, every, 2 x every, ...) and the other one not at all."""
+        setup = replace(
+            self.setup,
+            vision_checkpointed=-(-self.shape.vision_layers_used // every) if vision else 0,
+            language_checkpointed=-(-self.shape.language.layers // every) if language else 0,
+        )
+        return replace(self, setup=setup)
+
+
+def model_shapes(vlm: Any, mask_mode: str) -> StageShapes:
+    """Shapes of a VLM (on the meta device, or the loaded one) whose trainable set is applied; nothing recomputed."""
+    shape = ModelShape.from_model(vlm)
+    trains = {n: any(p.requires_grad for p in m.parameters()) for n, m in vlm.module_groups().items()}
+    setup = StepSetup(
+        mask_mode=mask_mode,
+        vision_trains=trains["vision"],
+        projector_trains=trains["projector"],
+        language_trains=trains["language"],
+    )
+    params = sum(p.numel() for p in vlm.parameters())
+    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+    return StageShapes(vlm, shape, setup, params, trainable)
+
 
 def stage_shapes(stage: StageConfig, model: ModelConfig) -> StageShapes:
     """The stage's model on the meta device with its trainable set, and the step setup of its recompute policy."""
@@ -490,19 +517,10 @@ def stage_shapes(stage: StageConfig, model: ModelConfig) -> StageShapes:
         group.requires_grad_(stage.modules[name].trainable)
     for p in vlm.unused_parameters():
         p.requires_grad_(False)
-    shape = ModelShape.from_model(vlm)
     vision_ckpt, language_ckpt = checkpointed_groups(stage)
-    setup = StepSetup(
-        mask_mode=stage.mask.mode,
-        vision_trains=stage.modules["vision"].trainable,
-        projector_trains=stage.modules["projector"].trainable,
-        language_trains=stage.modules["language"].trainable,
-        vision_checkpointed=shape.vision_layers_used if vision_ckpt else 0,
-        language_checkpointed=shape.language.layers if language_ckpt else 0,
+    return model_shapes(vlm, stage.mask.mode).recomputing(
+        vision_ckpt, language_ckpt, stage.train.checkpoint_every_n_layers
     )
-    params = sum(p.numel() for p in vlm.parameters())
-    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
-    return StageShapes(vlm, shape, setup, params, trainable)
 
 
 def memory_per_gpu(
@@ -532,6 +550,96 @@ def memory_per_gpu(
         optimizer=3 * FP32 * shapes.trainable // gpus,
         activations=acts,
     )
+
+
+@dataclass(frozen=True)
+class RecomputeChoice:
+    """The towers `gradient_checkpointing: auto` recomputes, and the memory estimates it chose by."""
+
+    towers: tuple[str, ...]
+    """Recomputed towers, of "vision" and "language"."""
+    tried: tuple[tuple[tuple[str, ...], int], ...]
+    """(towers recomputed, `memory_per_gpu` total in bytes) of each option tried, in order; empty without a budget."""
+    memory: int | None
+    """The device's bytes (train.device_memory_gib or the CUDA device's); None: not known (CPU), so every tower
+    that trains recomputes, as before the memory plan."""
+
+    @property
+    def budget(self) -> int | None:
+        """The share of `memory` planned for (batching.AUTO_MEMORY_FRACTION, as `micro_batch_size: auto`)."""
+        return None if self.memory is None else int(self.memory * AUTO_MEMORY_FRACTION)
+
+    def describe(self) -> str:
+        """One line for the log: what recomputes, and each estimate against the budget."""
+        what = " + ".join(self.towers) or "nothing"
+        if self.budget is None:
+            return f"recompute (auto): {what}: no device memory to plan for (set train.device_memory_gib)"
+        options = "; ".join(
+            f"{' + '.join(t) or 'none'} {_size(b)} {'fits' if b <= self.budget else 'does not fit'}"
+            for t, b in self.tried
+        )
+        fits = self.tried[-1][1] <= self.budget
+        tail = (
+            ""
+            if fits
+            else "; nothing fits: every trained tower recomputes (lower data.token_budget or the micro-batch)"
+        )
+        return (
+            f"recompute (auto): {what}: plan's estimate per GPU against {_size(self.budget)} "
+            f"({AUTO_MEMORY_FRACTION:.0%} of {_size(self.memory)}): {options}{tail}"
+        )
+
+
+def _size(n: int) -> str:
+    """Bytes for a log line: GiB from 1 GiB up, MiB below (tiny test models)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def choose_recompute(
+    stage: StageConfig, shapes: StageShapes, gpus: int, micro: int, memory: int | None
+) -> RecomputeChoice:
+    """The fewest trained towers to recompute so that `memory_per_gpu` fits the budget (RecomputeChoice.budget).
+
+    Tried in order: none; each single trained tower, the one saving the most memory first; both. The first that
+    fits wins; when none does, every trained tower recomputes. Frozen towers never recompute under `auto`: a
+    frozen tower runs without autograd, and a frozen LM's recompute adds a forward to a backward that computes no
+    LM weight gradients (benchmarks/README.md, "Recompute"). `memory` None: every trained tower recomputes.
+    """
+    trained = tuple(n for n in ("vision", "language") if getattr(shapes.setup, f"{n}_trains"))
+    if memory is None:
+        return RecomputeChoice(trained, (), None)
+    every = stage.train.checkpoint_every_n_layers
+
+    def total(towers: tuple[str, ...]) -> int:
+        with_recompute = shapes.recomputing("vision" in towers, "language" in towers, every)
+        return memory_per_gpu(stage, with_recompute, gpus, micro).total
+
+    singles = sorted(((t,) for t in trained), key=total) if len(trained) > 1 else []
+    tried: list[tuple[tuple[str, ...], int]] = []
+    budget = RecomputeChoice((), (), memory).budget
+    for towers in dict.fromkeys(((), *singles, trained)):
+        tried.append((towers, total(towers)))
+        if tried[-1][1] <= budget:
+            return RecomputeChoice(towers, tuple(tried), memory)
+    return RecomputeChoice(trained, tuple(tried), memory)
+
+
+def device_memory_bytes(stage: StageConfig, device: torch.device) -> int | None:
+    """Bytes of the device a stage runs on, that `micro_batch_size: auto` and `gradient_checkpointing: auto` plan
+    for: `train.device_memory_gib`, else the CUDA device's total memory; None on CPU without the key."""
+    if stage.train.device_memory_gib is not None:
+        return int(stage.train.device_memory_gib * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def auto_recompute(stage: StageConfig, vlm: Any, world_size: int, device: torch.device) -> RecomputeChoice:
+    """`gradient_checkpointing: auto` for a loaded model (trainability applied) on `device`: `choose_recompute` at
+    the stage's micro-batch (`auto` not yet resolved: its largest, the rank's share)."""
+    micro = resolve_micro_batch(stage, world_size, None).batch.micro_batch_size
+    memory = device_memory_bytes(stage, device)
+    return choose_recompute(stage, model_shapes(vlm, stage.mask.mode), world_size, int(micro), memory)
 
 
 def plan_stage(
@@ -564,6 +672,11 @@ def plan_stage(
         stage, gpus, memory_bytes, lambda m: memory_per_gpu(stage, shapes, gpus, m, share).total
     )
     micro = stage.batch.micro_batch_size
+    recompute = None
+    if stage.train.gradient_checkpointing == "auto":  # as the trainer decides it, at the chosen micro-batch
+        recompute = choose_recompute(stage, shapes, gpus, micro, memory_bytes)
+        every = stage.train.checkpoint_every_n_layers
+        shapes = shapes.recomputing("vision" in recompute.towers, "language" in recompute.towers, every)
     accumulation = stage.batch.accumulation_steps(gpus)
     layout = BatchLayout(((sample_tokens, image),) * micro, images=micro, supervised=micro * supervised)
     per_step = step_flops(shapes.shape, shapes.setup, [layout] * (stage.batch.global_batch_size // micro))
@@ -595,6 +708,7 @@ def plan_stage(
         micro_batch=micro,
         communication=comm,
         compute_seconds=per_step.model / (gpus * mfu * peak_tflops * 1e12),
+        recompute=recompute,
     )
 
 

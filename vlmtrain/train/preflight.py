@@ -25,9 +25,13 @@ What is checked, per stage unless said otherwise:
   files `from_pretrained` reads (a tower's config.json naming a supported vision family), or a valid hub id;
   when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or the hub endpoint does not answer), that the hub
   id is in the local Hugging Face cache;
-- `train.wandb` / `train.tensorboard`: the optional package is installed.
+- `train.wandb` / `train.tensorboard`: the optional package is installed;
+- `/dev/shm` has room for the batches the DataLoader workers of the node's ranks prepare ahead
+  (`shm_need`: ranks per node x data.num_workers x PREFETCH_FACTOR x one item's pixels and token tensors);
+  too little is an error naming docker's `--shm-size` and `data.num_workers` (the workers would die with a
+  bus error or "No space left on device" mid-run).
 
-Cost: file stats (one per local shard), a few HTTP requests per remote source (for an http(s) manifest, one
+Cost: file stats (one per local shard), one statvfs of /dev/shm, a few HTTP requests per remote source (for an http(s) manifest, one
 GET of the manifest itself, a few kilobytes, which loading fetches again) and one to the hub endpoint
 when hub ids are named and HF_HUB_OFFLINE is unset; every rank runs the checks (ranks may not share a file
 system), in well under a second for local data.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import urllib.error
 import urllib.request
@@ -136,6 +141,10 @@ def preflight(
         if not any(p.where.startswith(f"{stage.name} batch.") for p in problems):
             problems += check_ds_config(resolve_micro_batch(stage, world_size, None), world_size)
         problems += check_loggers(stage)
+        if not any(p.where.startswith(f"{stage.name} batch.") for p in problems):
+            found, note = check_shm(stage, stages, world_size, node_ranks(env, world_size), shm_free_bytes())
+            problems += found
+            notes += [note] if note else []
     problems += check_urls(remote)
     problems += check_init_from(stages, run_dir, resume)
     problems += check_completed_stages(stages, run_dir, resume)
@@ -195,6 +204,111 @@ def check_loggers(stage: StageConfig) -> list[Problem]:
             )
         )
     return out
+
+
+# ---- shared memory of the DataLoader workers ------------------------------------------------------------
+
+SHM_PATH = Path("/dev/shm")
+TOKEN_BYTES_PER_POSITION = 4 * 8 + 1
+"""A collated row position: input_ids, labels, sample_ids and position_ids (int64) and image_flags (bool)."""
+PIXEL_BYTES = 1
+"""Bytes per pixel channel the workers hand out: uint8 (vlmtrain.data.image_transform.ImageTransform.pixels)."""
+
+
+@dataclass(frozen=True)
+class ShmNeed:
+    """What one node's DataLoader workers hold in /dev/shm at most for a stage: every worker of every rank with
+    PREFETCH_FACTOR items ready."""
+
+    ranks: int  # ranks on the node (each has its own workers)
+    workers: int  # data.num_workers per rank
+    prefetch: int
+    samples: int  # per item: a micro-batch, or with a token budget the rank's share of the step
+    image_size: int
+    row: int  # the widest row a sample takes (pack_length or max_length, rounded up to the flex tile)
+
+    @property
+    def item_bytes(self) -> int:
+        """One item at its largest: every sample with an image and a full row."""
+        return self.samples * (3 * self.image_size**2 * PIXEL_BYTES + self.row * TOKEN_BYTES_PER_POSITION)
+
+    @property
+    def total(self) -> int:
+        return self.ranks * self.workers * self.prefetch * self.item_bytes
+
+
+def shm_need(stage: StageConfig, world_size: int, ranks: int, image_size: int) -> ShmNeed:
+    """The /dev/shm the stage's training loader needs on one node of `ranks` ranks (an upper bound: all
+    samples with images, rows at their widest; `micro_batch_size: auto` at its largest, the rank's share)."""
+    from vlmtrain.data.stream import PREFETCH_FACTOR
+    from vlmtrain.models.masks import FLEX_BLOCK_SIZE
+    from vlmtrain.train.batching import per_rank_samples
+
+    if stage.data.token_budget is not None:
+        samples = per_rank_samples(stage, world_size)
+    else:
+        samples = int(resolve_micro_batch(stage, world_size, None).batch.micro_batch_size)
+    row = stage.data.pack_length or stage.data.max_length
+    row = -(-row // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
+    return ShmNeed(ranks, stage.data.num_workers, PREFETCH_FACTOR, samples, image_size, row)
+
+
+def node_ranks(env: Mapping[str, str], world_size: int) -> int:
+    """Ranks sharing this node's /dev/shm: the launcher's count (LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE), else
+    the whole world up to one node's GPUs."""
+    from vlmtrain.train.engines.fsdp import ranks_per_node
+    from vlmtrain.train.plan import GPUS_PER_NODE
+
+    try:
+        return ranks_per_node(None, env)
+    except ValueError:
+        return min(world_size, GPUS_PER_NODE)
+
+
+def shm_free_bytes(path: Path = SHM_PATH) -> int | None:
+    """Bytes free in /dev/shm, or None where there is none (not Linux)."""
+    if not path.is_dir():
+        return None
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm(
+    stage: StageConfig,
+    stages: Sequence[StageConfig],
+    world_size: int,
+    ranks: int,
+    free: int | None,
+) -> tuple[list[Problem], str | None]:
+    """(a problem when the workers' prefetched batches would not fit /dev/shm, a note when it is not checked)."""
+    if stage.data.num_workers == 0:
+        return [], None  # batches are made in the training process: no shared memory
+    if free is None:
+        return [], None  # no /dev/shm (not Linux): PyTorch shares tensors another way
+    from vlmtrain.train.plan import resolve_model, vision_spec
+
+    try:
+        image_size = vision_spec(resolve_model(stage, {s.name: s for s in stages})).transform.image_size
+    except (ValueError, OSError) as err:
+        return [], f"preflight: {stage.name}: /dev/shm not checked: the image size is not known here ({err})"
+    need = shm_need(stage, world_size, ranks, image_size)
+    if need.total <= free:
+        return [], None
+    fits = free // (ranks * need.prefetch * need.item_bytes)
+    fewer = f"{fits} or fewer" if fits else "0 (batches made in the training process, slower)"
+    message = (
+        f"the DataLoader workers need up to {need.total / 2**20:,.0f} MiB of /dev/shm ({ranks} rank(s) x "
+        f"{need.workers} workers x {need.prefetch} prefetched x {need.item_bytes / 2**20:.1f} MiB per item of "
+        f"{need.samples} samples at {image_size} px) but {free / 2**20:,.0f} MiB is free; in docker run with "
+        f"--shm-size={math.ceil(need.total * 1.25 / 2**30)}g (or --ipc=host), or set data.num_workers to {fewer}"
+    )
+    if stage.data.token_budget is None and stage.batch.micro_batch_size == "auto":
+        # `auto` is chosen when the stage starts, from the device's memory: the need above is its largest
+        return (
+            [],
+            f"preflight: warning: {stage.name} data.num_workers: with micro_batch_size auto at its largest, {message}",
+        )
+    return [Problem(f"{stage.name} data.num_workers", message)], None
 
 
 # ---- data -----------------------------------------------------------------------------------------------

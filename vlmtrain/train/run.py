@@ -121,13 +121,11 @@ def _memory_bound(stage: StageConfig, ctx: DistContext) -> tuple[int | None, Cal
     """
     if stage.batch.micro_batch_size != "auto":
         return None, None
-    if stage.train.device_memory_gib is not None:
-        memory = int(stage.train.device_memory_gib * 2**30)
-    elif ctx.device.type == "cuda":
-        memory = torch.cuda.get_device_properties(ctx.device).total_memory
-    else:
+    from vlmtrain.train.plan import device_memory_bytes, memory_per_gpu, stage_shapes
+
+    memory = device_memory_bytes(stage, ctx.device)
+    if memory is None:
         return None, None
-    from vlmtrain.train.plan import memory_per_gpu, stage_shapes
 
     shapes = stage_shapes(stage, stage.model)
     return memory, lambda micro: memory_per_gpu(stage, shapes, ctx.world_size, micro).total

@@ -41,6 +41,7 @@ from vlmtrain.train.batching import lr_scale
 from vlmtrain.train.engines import Engine, make_engine
 from vlmtrain.train.flops import FlopCount, StepFlopModel, resolve_peak_tflops, throughput
 from vlmtrain.train.optim import build_param_groups
+from vlmtrain.train.plan import auto_recompute
 from vlmtrain.train.validation import Validator
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the SLURM scripts requeue the job on this status
@@ -165,16 +166,20 @@ class Trainer:
     def _enable_checkpointing(self) -> dict[str, bool]:
         """Set activation recompute on each tower as `train.gradient_checkpointing` says; returns the plan.
 
-        `auto` recomputes a tower only where its weights train. A frozen LM (stages 0-1) passes the
-        projector's gradient back and stores activations for it, but recomputing them adds an LM forward to
-        a step whose backward computes no LM weight gradients (+32% step time measured on CPU), and those
-        stages hold no LM gradients or optimizer state, so the memory is there (benchmarks/README.md,
-        "Recompute"). `true` also recomputes a frozen LM. A frozen vision tower runs under no_grad and
-        stores nothing, so it never recomputes.
+        `auto` recomputes a tower only where its weights train, and only when `vlmtrain plan`'s memory
+        estimate of the micro-batch does not fit the device without it (vlmtrain.train.plan.choose_recompute;
+        the decision and its estimates are logged); on CPU without `train.device_memory_gib` every trained
+        tower recomputes. A frozen LM (stages 0-1) passes the projector's gradient back and stores
+        activations for it, but recomputing them adds an LM forward to a step whose backward computes no LM
+        weight gradients (+32% step time measured on CPU), and those stages hold no LM gradients or optimizer
+        state, so the memory is there (benchmarks/README.md, "Recompute"). `true` also recomputes a frozen LM.
+        A frozen vision tower runs under no_grad and stores nothing, so it never recomputes.
         """
         policy, modules = self.stage.train.gradient_checkpointing, self.stage.modules
         if policy == "auto":
-            plan = {"language": modules["language"].trainable, "vision": modules["vision"].trainable}
+            choice = auto_recompute(self.stage, self.model, self.ctx.world_size, self.ctx.device)
+            self.console.print(choice.describe())
+            plan = {"language": "language" in choice.towers, "vision": "vision" in choice.towers}
         else:
             plan = {"language": policy, "vision": policy and modules["vision"].trainable}
         towers = {"language": self.model.language, "vision": self.model.vision}
