@@ -23,8 +23,9 @@ and returned as the gradient (autograd casts it to a bf16 weight's dtype: +272 M
 is alive); on CUDA a bf16 x bf16 -> fp32 GEMM adds into it directly, elsewhere an fp32 GEMM from the chunk's
 fp32 probabilities, so no chunk makes a [V, D] product. Passes over a chunk's [rows, V] tile: forward 6
 (matmul, max, x - max, exp, sum, gradient matmul; bf16 adds its upcast and a scaled downcast), backward 4
-(matmul, x - max, exp, weight-gradient matmul; bf16 adds its upcast): the softmax's 1/sum, the upstream
-gradient and the onehot act on [rows, D] tensors or on the c target entries, never on the tile.
+(matmul, x - max, exp, weight-gradient matmul; bf16 adds its upcast, and on CUDA the downcast its GEMM
+reads). The softmax's 1/sum, the upstream gradient and the onehot act on [rows, D] tensors or on the c
+target entries, never on the tile.
 `compiled_chunk_fns` (torch.compile, `compiled=True`) fuses the elementwise passes around the matmuls. No
 device->host sync: chunk bounds come from shapes.
 
