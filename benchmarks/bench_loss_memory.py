@@ -7,9 +7,12 @@ the first 256 positions of each row unsupervised (image and prompt), which leave
 A step is `token_losses(...)` (vlmtrain.models.loss, what VisionLanguageModel.forward calls), the sum of the
 per-token losses, and backward.
 
-Variants: `full` (today's path before the chunked loss: `head(hidden)` on the supervised positions, then
-`F.cross_entropy(logits.float(), reduction="none")`) and `chunked` (linear_cross_entropy), each with a
+Variants: `full` (the path before the chunked loss: `head(hidden)` on the supervised positions, then
+`F.cross_entropy(logits.float(), reduction="none")`), `old` (the chunked loss as it was at git revision
+`--baseline-rev`, read from git into the probe: a per-chunk [V, D] weight-gradient product under bf16,
+more passes over each chunk's logits) and `chunked` (today's linear_cross_entropy), each with a
 frozen head (stages 0-1) and a trainable one (stages 2-3, where it also yields the head's weight gradient).
+`--dtype bf16` runs the same on CPU in bf16 (the compute dtype of a GPU run; slower on CPU).
 
 Method: every variant runs in a fresh subprocess. It allocates the head, the hidden states and the labels,
 reads its resident set (Linux VmRSS: the "model's memory" baseline, libraries included), resets the peak
@@ -21,12 +24,14 @@ variants run alternately (full, chunked, ...) `--repeats` times and the median c
 machine's load hits both paths alike.
 
     python benchmarks/bench_loss_memory.py                       # real size, 1 thread, ~10 min on 2 cores
+    python benchmarks/bench_loss_memory.py --dtype bf16 --variants old-trainable chunked-trainable
     python benchmarks/bench_loss_memory.py --tokens 1024 --supervised 768 --vocab 32000   # quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -44,7 +49,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import _reset_peak_rss, _rss_kib, cpu_name  # a sibling script, not a package
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("full-frozen", "chunked-frozen", "full-trainable", "chunked-trainable")
+VARIANTS = (
+    "full-frozen",
+    "old-frozen",
+    "chunked-frozen",
+    "full-trainable",
+    "old-trainable",
+    "chunked-trainable",
+)
+BASELINE_REV = "0b71927"  # main before the in-place weight gradient (issue 26, item 7)
 TARGET_GIB = 1.0  # the issue's bound on the step's peak above the model's memory (chunked path)
 
 
@@ -57,6 +70,24 @@ def full_token_losses(
     valid = supervised_mask(labels, sample_ids)
     logits = head(hidden[:, :-1][valid])
     return F.cross_entropy(logits.float(), labels[:, 1:][valid], reduction="none"), valid
+
+
+def old_token_losses(rev: str):
+    """`token_losses` of vlmtrain/models/loss.py at git revision `rev`, loaded as a module of its own."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        ["git", "-C", str(root), "show", f"{rev}:vlmtrain/models/loss.py"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"--baseline-rev {rev}: git cannot read vlmtrain/models/loss.py there: {proc.stderr}"
+        )
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vlmtrain_loss_{rev}.py"
+    path.write_text(proc.stdout)
+    spec = importlib.util.spec_from_file_location(f"vlmtrain_loss_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.token_losses
 
 
 def setup(args: argparse.Namespace, trainable: bool, device: torch.device, dtype: torch.dtype):
@@ -80,9 +111,11 @@ def probe(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     path, trainability = variant.split("-")
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(args)
     head, hidden, labels, sample_ids = setup(args, trainability == "trainable", device, dtype)
-    loss_fn = token_losses if path == "chunked" else full_token_losses
+    loss_fn = {"chunked": token_losses, "full": full_token_losses}.get(path) or old_token_losses(
+        args.baseline_rev
+    )
 
     def step() -> int:
         hidden.grad = None
@@ -113,6 +146,7 @@ def probe(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "variant": variant,
         "method": "torch.cuda.max_memory_allocated" if cuda else "Linux VmHWM after clear_refs",
+        "dtype": str(dtype).removeprefix("torch."),
         "supervised_tokens": supervised,
         "model_mib": base / 2**20,
         "step_peak_mib": (peak - base) / 2**20,
@@ -124,8 +158,9 @@ def probe(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_probe(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    skip = ("probe", "out", "repeats", "variants")
     cmd = [sys.executable, __file__, "--probe", variant] + [
-        f"--{k}={v}" for k, v in vars(args).items() if k not in ("probe", "out", "repeats")
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip and v is not None
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
@@ -148,15 +183,25 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     return out
 
 
+def compute_dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return torch.float32 if args.device == "cpu" else torch.bfloat16
+
+
 def ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """chunked / full and chunked / old, for each head trainability both variants of ran."""
     out = {}
     for trainability in ("frozen", "trainable"):
-        full, chunked = summary[f"full-{trainability}"], summary[f"chunked-{trainability}"]
-        out[f"{trainability}_memory_chunked_over_full"] = chunked["step_peak_mib"] / full["step_peak_mib"]
-        out[f"{trainability}_time_chunked_over_full"] = chunked["median_step_s"] / full["median_step_s"]
-        out[f"{trainability}_cpu_time_chunked_over_full"] = (
-            chunked["median_step_cpu_s"] / full["median_step_cpu_s"]
-        )
+        chunked = summary.get(f"chunked-{trainability}")
+        for other in ("full", "old"):
+            base = summary.get(f"{other}-{trainability}")
+            if chunked is None or base is None:
+                continue
+            key = f"{trainability}_{{}}_chunked_over_{other}"
+            out[key.format("memory")] = chunked["step_peak_mib"] / base["step_peak_mib"]
+            out[key.format("time")] = chunked["median_step_s"] / base["median_step_s"]
+            out[key.format("cpu_time")] = chunked["median_step_cpu_s"] / base["median_step_cpu_s"]
     return out
 
 
@@ -174,6 +219,13 @@ def print_table(summary: dict[str, dict[str, float]], rat: dict[str, float]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--dtype", default=None, choices=["fp32", "bf16"], help="default fp32 on CPU, bf16 on CUDA"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants to run"
+    )
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the `old` chunked loss")
     parser.add_argument("--vocab", type=int, default=151_936, help="LM head rows (Qwen2.5's vocabulary)")
     parser.add_argument("--hidden", type=int, default=896, help="LM width (Qwen2.5-0.5B)")
     parser.add_argument("--rows", type=int, default=4, help="rows of the micro-batch")
@@ -192,9 +244,9 @@ def main() -> None:
         print(json.dumps(probe(args.probe, args)))
         return
     load = os.getloadavg()
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     for _ in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in args.variants:
             runs[variant].append(run_probe(variant, args))
             print(f"{variant}: {runs[variant][-1]['step_peak_mib']:.0f} MiB", flush=True)
     summary = summarize(runs)
@@ -208,6 +260,8 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": args.threads,
+        "dtype": str(compute_dtype(args)).removeprefix("torch."),
+        "baseline_rev": args.baseline_rev,
         "load_average_at_start": load,
         "shapes": {k: getattr(args, k) for k in ("vocab", "hidden", "rows", "tokens", "supervised")},
         "chunk_bytes": CHUNK_BYTES,
@@ -218,7 +272,9 @@ def main() -> None:
         "ratios": rat,
         "probes": runs,
     }
-    out = args.out or RESULTS / f"loss_memory_{args.device}.json"
+    default_dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    suffix = "" if compute_dtype(args) == default_dtype else f"_{args.dtype}"
+    out = args.out or RESULTS / f"loss_memory_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

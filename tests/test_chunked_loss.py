@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmtrain.models.loss import (
     CHUNK_BYTES,
+    GEMM_TILE_ROWS,
     chunk_rows,
     linear_cross_entropy,
     supervised_index,
@@ -208,6 +209,82 @@ def test_one_chunk_of_logits_at_a_time(trainable):
     assert full_mode.peak >= 2 * N * V * 4  # the probe sees the full path's logits and log-softmax
 
 
+VIEWS_AND_INDEXING = frozenset(
+    ("t", "transpose", "permute", "slice", "view", "expand", "unsqueeze", "squeeze", "gather", "scatter_add_")
+)
+
+
+class _TilePasses(TorchDispatchMode):
+    """Names of the ops that read or write a [rows, V] tile (or its transpose): one pass over it each.
+
+    Views and the c-element gather / scatter of the target column are not passes."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.shapes, self.names = {(rows, V), (V, rows)}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, list | tuple) else [out])]
+        touched = any(isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes for t in flat)
+        if touched and func.overloadpacket.__name__ not in VIEWS_AND_INDEXING:
+            self.names.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_passes_over_the_logits_tile(dtype):
+    """Per chunk, forward makes 6 passes over the tile (matmul, max, x - max, exp, sum, gradient matmul; bf16
+    adds the upcast and the scaled downcast) and a trainable head's backward 4 (matmul, x - max, exp, the
+    in-place weight-gradient matmul; bf16 adds the upcast). The softmax's 1 / sum and the onehot never cost a
+    pass: they are applied to [rows, D] tensors or to c scattered entries."""
+    head = make_head(dtype=dtype)
+    hidden, targets = make_inputs(n=32, dtype=dtype)
+    h = hidden.clone().requires_grad_(True)
+    with _TilePasses(16) as fwd:
+        losses = linear_cross_entropy(h, head, targets, chunk_bytes=16 * V * 4)
+    with _TilePasses(16) as bwd:
+        losses.sum().backward()
+    up = 1 if dtype == torch.bfloat16 else 0
+    assert fwd.names == 2 * (
+        ["mm"] + ["_to_copy"] * up + ["amax", "sub_", "exp_", "sum"] + ["mul"] * up + ["mm"]
+    )
+    assert bwd.names == 2 * (["mm"] + ["_to_copy"] * up + ["sub_", "exp_", "addmm_"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_gradient_accumulates_in_one_buffer(dtype):
+    """Backward creates one [V, D] tensor (the fp32 buffer every chunk adds into in place), not one per chunk,
+    and hands it to autograd as an ordinary gradient: a post-accumulate-grad hook (what DeepSpeed ZeRO and
+    FSDP2 reduce from) fires once per backward, and two backwards (micro-steps) sum as autograd's own do."""
+    head = make_head(dtype=dtype)
+    hidden, targets = make_inputs(dtype=dtype)
+    seen = []
+    head.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    with _Outputs() as bwd:
+        h = hidden.clone().requires_grad_(True)
+        linear_cross_entropy(h, head, targets, chunk_bytes=16 * V * 4).sum().backward()
+    created = [name for name, shape in bwd.ops if shape == (V, D) and not name.endswith("_")]
+    # The buffer; autograd's cast of it to a bf16 weight's dtype; AccumulateGrad taking it as .grad (a
+    # detached alias, no copy); the hook's own clone. No per-chunk product.
+    cast = ["_to_copy"] if dtype == torch.bfloat16 else []
+    assert created == ["zeros", *cast, "detach", "clone"], created
+    assert [name for name, _ in bwd.ops].count("addmm_") == -(-N // 16)
+    assert len(seen) == 1 and seen[0].dtype == dtype
+    first = seen[0]
+    linear_cross_entropy(
+        hidden.clone().requires_grad_(True), head, targets, chunk_bytes=16 * V * 4
+    ).sum().backward()
+    head32 = nn.Linear(D, V, bias=False)
+    with torch.no_grad():
+        head32.weight.copy_(head.weight.float())
+    ref = losses_and_grads(reference, head32, hidden.float(), targets, None)[2]
+    tol = TOL if dtype == torch.float32 else BF16_GRAD_TOL
+    assert len(seen) == 2
+    assert_same(first.float(), ref, "one backward", tol)
+    assert_same(seen[1].float(), 2 * ref, "two backwards", tol)
+
+
 def test_empty_batch():
     head = make_head()
     hidden, targets = make_inputs(n=0)
@@ -215,6 +292,55 @@ def test_empty_batch():
     got = losses_and_grads(chunked(16), head, hidden, targets, None)
     assert got[0].shape == (0,) and got[1].shape == (0, D)
     assert got[2] is not None and torch.equal(got[2], torch.zeros(V, D)) and torch.equal(ref[2], got[2])
+
+
+BF16_LOSS_TOL, BF16_GRAD_TOL = 4e-3, 2e-2
+
+
+ON_CUDA = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the bf16 -> fp32 weight-gradient GEMM is CUDA's"
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "device, compiled",
+    [
+        ("cpu", False),
+        pytest.param("cuda", False, marks=ON_CUDA, id="cuda-eager"),
+        pytest.param("cuda", True, marks=ON_CUDA, id="cuda-compiled"),
+    ],
+)
+def test_bf16_against_fp32_reference(device, compiled):
+    """bf16 compute against the fp32 reference of the same (bf16-representable) weights and hidden states.
+
+    The stated tolerance: max |error| <= 4e-3 x max |reference| for the losses (bf16 logits) and 2e-2 for
+    both gradients, and never more than twice the error of the bf16 full-logits path itself. On CUDA the
+    weight gradient runs through the bf16 x bf16 -> fp32 GEMM into the fp32 buffer (elsewhere an fp32 GEMM)."""
+    head = make_head(dtype=torch.bfloat16).to(device)
+    hidden, targets = (t.to(device) for t in make_inputs(dtype=torch.bfloat16))
+    upstream = torch.rand(N, generator=torch.Generator().manual_seed(2)).to(device)
+    head32 = nn.Linear(D, V, bias=False, device=device)
+    with torch.no_grad():
+        head32.weight.copy_(head.weight.float())
+    ref = losses_and_grads(reference, head32, hidden.float(), targets, upstream)
+    full16 = losses_and_grads(reference, head, hidden, targets, upstream)
+    fn = lambda h, hd, t: linear_cross_entropy(h, hd, t, chunk_bytes=16 * V * 4, compiled=compiled)  # noqa: E731
+    got = losses_and_grads(fn, head, hidden, targets, upstream)
+    assert got[2].dtype == torch.bfloat16
+    for name, tol, a, b, r in zip(
+        ("losses", "grad hidden", "grad weight"),
+        (BF16_LOSS_TOL, BF16_GRAD_TOL, BF16_GRAD_TOL),
+        got,
+        full16,
+        ref,
+        strict=True,
+    ):
+        err = (a.float() - r).abs().max().item() / r.abs().max().item()
+        full_err = (b.float() - r).abs().max().item() / r.abs().max().item()
+        assert err <= tol and err <= 2 * full_err + 1e-6, (name, err, full_err)
 
 
 def test_bf16_matches_full_path_at_bf16_precision():
@@ -240,8 +366,13 @@ def test_rejects_heads_it_cannot_fuse():
 
 
 def test_chunk_size_at_qwen_vocabulary():
-    rows = chunk_rows(151_936)
-    assert rows == 441 and rows * 151_936 * 4 <= CHUNK_BYTES < (rows + 1) * 151_936 * 4
+    """The largest whole number of 128-row GEMM blocks whose fp32 logits fit the budget; below one block, the
+    largest row count that fits (at least 1)."""
+    vocab = 151_936
+    rows = chunk_rows(vocab)
+    fits = CHUNK_BYTES // (vocab * 4)  # 441
+    assert rows == 384 == fits - fits % GEMM_TILE_ROWS and rows * vocab * 4 <= CHUNK_BYTES
+    assert chunk_rows(vocab, chunk_bytes=100 * vocab * 4 + 5) == 100
     assert chunk_rows(10**9) == 1
 
 
@@ -288,3 +419,29 @@ def test_model_loss_equals_full_logits_path(tiny_model, tokenizer):
     assert grads.keys() == ref_grads.keys() and "language.lm_head.weight" not in grads  # tied: one tensor
     for name in ref_grads:
         assert_same(grads[name], ref_grads[name], name)
+
+
+@pytest.mark.slow
+def test_compiled_chunks_equal_full_logits_and_compile_once():
+    """`compiled=True` (torch.compile of forward_chunk / backward_chunk, what `train.compile` turns on): the
+    same 1e-6 agreement with the full-logits path, and one graph per function for batches whose last chunks
+    differ in length (dynamic rows; a 1-row chunk would specialise once more)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    head = make_head()
+    upstream = torch.rand(N, generator=torch.Generator().manual_seed(2))
+    for n in (N, 50, 38):  # last chunks of 6, 2 and 6 rows
+        hidden, targets = make_inputs(n=n)
+        ref = losses_and_grads(reference, head, hidden, targets, upstream[:n])
+        got = losses_and_grads(
+            lambda h, hd, t: linear_cross_entropy(h, hd, t, chunk_bytes=16 * V * 4, compiled=True),
+            head,
+            hidden,
+            targets,
+            upstream[:n],
+        )
+        for name, a, b in zip(("losses", "grad hidden", "grad weight"), got, ref, strict=True):
+            assert_same(a, b, f"{name} (n={n})")
+    assert counters["stats"]["unique_graphs"] == 2

@@ -210,9 +210,9 @@ KNOWN_LANGUAGE = {
 # ---- memory model -----------------------------------------------------------------------------------------
 BF16, FP32 = 2, 4
 LOSS_CHUNK_PEAK_BYTES = CHUNK_BYTES * 3 // 2
-"""The chunked loss's transient peak (models/loss.py): one chunk's fp32 logits and its softmax gradient cast to the
-compute dtype. Measured (benchmarks/bench_loss_memory.py, fp32 on CPU, where the cast is free): 287 MiB above the
-model for 3,072 supervised tokens at Qwen's head, against 5.3 GiB for full logits."""
+"""The chunked loss's transient peak (models/loss.py): one chunk's fp32 logits and its bf16 matmul output (an upper
+bound: 384-row chunks use 224 of the 256 MiB). Measured (benchmarks/bench_loss_memory.py, fp32 on CPU, where the
+cast is free): 256 MiB above the model for 3,072 supervised tokens at Qwen's head, against 5.3 GiB for full logits."""
 
 
 def head_activation_bytes(supervised_tokens: int, hidden: int, vocab: int, head_trains: bool) -> int:
