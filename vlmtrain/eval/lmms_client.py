@@ -201,9 +201,12 @@ def main(args: dict[str, Any]) -> int:
         results, _ = cli_evaluate_single(ns)
     except Exception as err:
         if _is_offline_error(err):
-            message = _offline_message(
-                err, _datasets_of(TaskManager("ERROR", include_path=include), tasks), tasks
-            )
+            # Local tasks first: indexing lmms-eval's ~2,000 shipped YAMLs takes seconds.
+            local = TaskManager("ERROR", include_path=include, include_defaults=False) if include else None
+            found = _datasets_of(local, tasks) if local else {}
+            if len(found) < len(tasks):
+                found = _datasets_of(TaskManager("ERROR", include_path=include), tasks)
+            message = _offline_message(err, found, tasks)
         else:
             message = f"lmms-eval failed: {type(err).__name__}: {err}\n{traceback.format_exc()}"
         _request({"kind": "error", "message": message})
