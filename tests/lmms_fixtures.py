@@ -21,6 +21,18 @@ def lmms_env_or_skip() -> Path:
         pytest.skip(f"lmms-eval environment absent: {err}")
 
 
+def make_chatty(model):
+    """Weights redrawn with std 0.3: a random-init tiny LM greedily repeats one token (an empty answer after
+    decoding); with larger weights its greedy answers are text that changes with the image and the question."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
 # The task's Python side, run inside lmms-eval's environment. Scoring takes vlmtrain's answer normalisation from
 # its file (vlmtrain.data.answers imports nothing), so the accuracy is the one `vlmtrain eval vqa` reports.
 UTILS = """

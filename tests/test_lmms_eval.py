@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from lmms_fixtures import MAX_NEW_TOKENS, TASK, lmms_env_or_skip, write_vqa_task
+from lmms_fixtures import MAX_NEW_TOKENS, TASK, lmms_env_or_skip, make_chatty, write_vqa_task
 from typer.testing import CliRunner
 
 from vlmtrain.cli import app
@@ -22,8 +22,7 @@ def invoke(*args):
 
 
 def chatty_model(tokenizer, seed: int = 0):
-    """The tiny random model with larger weights: a random-init tiny LM greedily repeats one token (an empty
-    answer after decoding); with weights of std 0.3 its answers are text that changes with image and question."""
+    """The tiny random model of the real classes, made chatty (lmms_fixtures.make_chatty)."""
     import torch
 
     from tests.conftest import TINY_VISION, tiny_language_config
@@ -37,12 +36,7 @@ def chatty_model(tokenizer, seed: int = 0):
         language=None,
         language_config=tiny_language_config(len(tokenizer)),
     )
-    model = VisionLanguageModel.from_config(cfg, tokenizer)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return model
+    return make_chatty(VisionLanguageModel.from_config(cfg, tokenizer))
 
 
 def ask_answers(ckpt: Path, rows: list[dict], images: Path) -> list[str]:

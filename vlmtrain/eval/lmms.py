@@ -91,7 +91,7 @@ def run_lmms(
     server_r, client_w = os.pipe()  # the client's requests
     client_r, server_w = os.pipe()  # our answers
     environ = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not _launcher_variable(k)},
         "VLMTRAIN_LMMS_FDS": f"{client_r},{client_w}",
         "VLMTRAIN_LMMS_ARGS": json.dumps(args),
     }
@@ -142,6 +142,19 @@ def run_lmms(
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise LmmsError(f"lmms-eval exited with status {code}; the end of {log_path}:\n{tail}")
     return results
+
+
+# A training job's launcher variables: lmms-eval reads WORLD_SIZE/RANK and would wait for ranks that are not its.
+_LAUNCHER_NAMES = frozenset(
+    {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+     "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+)  # fmt: skip
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "SLURM_")
+
+
+def _launcher_variable(name: str) -> bool:
+    """lmms-eval runs as one process of its own, whatever launched vlmtrain."""
+    return name in _LAUNCHER_NAMES or name.startswith(_LAUNCHER_PREFIXES)
 
 
 def flat_scores(results: dict[str, Any]) -> dict[str, float]:

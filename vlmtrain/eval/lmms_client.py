@@ -195,7 +195,7 @@ def main(args: dict[str, Any]) -> int:
     ns.batch_size = args.get("batch_size", 8)
     ns.output_path = args["output_path"]
     ns.log_samples = True
-    ns.verbosity = args.get("verbosity", "WARNING")
+    ns.verbosity = "WARNING"
     ns.device = "cpu"  # the model runs in the vlmtrain process; nothing here touches an accelerator
     try:
         results, _ = cli_evaluate_single(ns)
