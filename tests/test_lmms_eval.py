@@ -183,3 +183,58 @@ def test_client_helpers_without_lmms_eval():
         msg = client._offline_message(err, {"pope": "lmms-lab/POPE"}, ["pope"])
     assert "task pope reads lmms-lab/POPE" in msg and "--prefetch --tasks pope" in msg
     assert not client._is_offline_error(ValueError("bad yaml"))
+
+
+def _stage_with_lmms(lmms: dict, **validation):
+    from vlmtrain.config.load import read_json, shipped_stage_path, stage_config_from_dict
+
+    data = read_json(shipped_stage_path(2))
+    data["validation"] = {"lmms": lmms, **validation}
+    return stage_config_from_dict(data)
+
+
+def test_validation_lmms_config_errors_name_the_key():
+    from vlmtrain.config.load import ConfigError
+    from vlmtrain.config.schema import ValidationError
+
+    for lmms, where in (
+        ({"tasks": []}, "validation.lmms.tasks"),
+        ({"tasks": ["pope"], "limit": 0}, "validation.lmms.limit"),
+        ({"tasks": ["pope"], "every": -1}, "validation.lmms.every"),
+        ({"tasks": ["pope"], "evry": 5}, "validation.lmms.evry"),
+        ({"limit": 5}, "validation.lmms.tasks"),
+    ):
+        with pytest.raises((ConfigError, ValidationError)) as err:
+            _stage_with_lmms(lmms)
+        assert where in str(err.value), (lmms, str(err.value))
+    assert _stage_with_lmms({"tasks": ["pope", "mme"]}).validation.lmms.tasks == ("pope", "mme")
+
+
+def test_lmms_due_steps_apart_from_held_out_and_missing_env_fails_at_stage_start(tmp_path):
+    import torch
+
+    from vlmtrain.dist import DistContext
+    from vlmtrain.eval.lmms_env import LmmsEnvError
+    from vlmtrain.train.validation import Validator
+
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(LmmsEnvError, match="--setup"):
+        Validator(
+            _stage_with_lmms({"tasks": ["pope"], "env": str(tmp_path / "none")}), ctx, None, list, tmp_path
+        )
+    venv = tmp_path / "venv"  # what env_python looks for: the interpreter and an installed lmms_eval
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / "lib" / "python3.11" / "site-packages" / "lmms_eval").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "site-packages" / "lmms_eval" / "__init__.py").write_text("")
+    lmms = {"tasks": ["pope"], "every": 3, "env": str(venv)}
+    v = Validator(
+        _stage_with_lmms(lmms, data=str(tmp_path / "m.json"), every=2), ctx, None, list, tmp_path / "v"
+    )
+    assert [s for s in range(1, 8) if v.due(s, total=7)] == [2, 3, 4, 6, 7]
+    assert [s for s in range(1, 8) if v._lmms_due(s, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if v._loss_due(s, 7)] == [2, 4, 6, 7]
+    v = Validator(_stage_with_lmms({**lmms, "every": 0}), ctx, None, list, tmp_path / "v")
+    assert [s for s in range(1, 8) if v.due(s, total=7)] == [
+        7
+    ]  # no held-out data: lmms-eval alone, at the end
