@@ -238,3 +238,21 @@ def test_lmms_due_steps_apart_from_held_out_and_missing_env_fails_at_stage_start
     assert [s for s in range(1, 8) if v.due(s, total=7)] == [
         7
     ]  # no held-out data: lmms-eval alone, at the end
+
+
+def test_lmms_record_in_metrics_is_not_a_training_step(tmp_path):
+    """The trainer writes `{"step", "lmms": {...}}` beside the step records: TensorBoard gets `lmms/<task>/<metric>`,
+    and the loss curve still reads only the training steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlmtrain.logging import MetricsWriter, loss_curve
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", True, tmp_path / "tb")
+    writer.write({"step": 1, "loss": 2.5, "skipped": False})
+    writer.write({"step": 1, "lmms": {"pope/pope_accuracy": 0.625}})
+    writer.close()
+    assert loss_curve(tmp_path / "metrics.jsonl") == [(1, 2.5)]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    (scalar,) = events.Scalars("lmms/pope/pope_accuracy")
+    assert (scalar.step, scalar.value) == (1, 0.625)
