@@ -371,6 +371,63 @@ def eval_vqa_cmd(
         _fail(err)
 
 
+@eval_app.command("lmms")
+def eval_lmms_cmd(
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="A stage output, e.g. runs/default/stage3/final (not with --setup/--prefetch).",
+    ),
+    tasks: list[str] = typer.Option(
+        [], "--tasks", help="lmms-eval tasks: mme,pope,... (repeatable); local task YAMLs via --include-path."
+    ),
+    out: Path = typer.Option(
+        Path("lmms_out"), "--out", help="Folder for lmms-eval's own result files, its log and scores.json."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N documents of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions generated together."),
+    include_path: Path | None = typer.Option(
+        None, "--include-path", help="A folder of extra lmms-eval task YAMLs (local datasets)."
+    ),
+    env: Path | None = typer.Option(
+        None, "--env", help="lmms-eval's venv (default: $VLMTRAIN_LMMS_ENV or ~/.cache/vlmtrain/lmms-venv)."
+    ),
+    setup: bool = typer.Option(False, "--setup", help="Build lmms-eval's venv (once) and exit."),
+    torch_index_url: str | None = typer.Option(
+        None,
+        "--torch-index-url",
+        help="--setup: the index torch/torchvision come from (e.g. PyTorch's CPU one).",
+    ),
+    prefetch: bool = typer.Option(
+        False, "--prefetch", help="Download the tasks' datasets into the Hugging Face cache and exit."
+    ),
+    device: str | None = DeviceOpt,
+) -> None:
+    """lmms-eval benchmarks (MME, POPE, TextVQA, ...) answered by the checkpoint, as `vlmtrain ask` answers.
+
+    lmms-eval runs in its own environment (build it with --setup); datasets come from the Hugging Face cache,
+    so HF_DATASETS_OFFLINE=1 works once they are there (--prefetch)."""
+    from vlmtrain.eval.lmms import LmmsError, eval_lmms, run_lmms
+    from vlmtrain.eval.lmms_env import LmmsEnvError, setup_env
+
+    names = [t.strip() for value in tasks for t in value.split(",") if t.strip()]
+    try:
+        if setup:
+            setup_env(env, torch_index_url, log=console.print)
+            return
+        if not names:
+            raise typer.BadParameter("name at least one task", param_hint="--tasks")
+        if prefetch:
+            run_lmms(lambda _: [], names, out, include_path=include_path, env=env, prefetch=True)
+            console.print(f"the datasets of {', '.join(names)} are in the Hugging Face cache")
+            return
+        if checkpoint is None:
+            raise typer.BadParameter("name the checkpoint to evaluate", param_hint="--checkpoint")
+        eval_lmms(checkpoint, names, out, limit, batch_size, _device(device), include_path, env, console)
+    except (FileNotFoundError, FileExistsError, ValueError, LmmsError, LmmsEnvError) as err:
+        _fail(err)
+
+
 def _load_images(paths: list[Path], transform):
     """uint8 images resized by the model's own transform (`model.image_transform`); the model normalizes them."""
     from PIL import Image

@@ -248,7 +248,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def loss_curve(path: Path) -> list[tuple[int, float]]:
     """(step, loss) of the applied steps in a metrics.jsonl (skipped, non-finite steps left out)."""
-    return [(r["step"], r["loss"]) for r in read_metrics(path) if not r["skipped"]]
+    # Records without a loss (lmms-eval scores written between steps) are not training steps.
+    return [(r["step"], r["loss"]) for r in read_metrics(path) if "loss" in r and not r["skipped"]]
 
 
 def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path:

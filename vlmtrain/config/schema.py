@@ -396,6 +396,30 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LmmsValidationConfig:
+    """lmms-eval benchmarks during training (`vlmtrain eval lmms` on the weights being trained), on every rank."""
+
+    tasks: tuple[str, ...]
+    """lmms-eval task names (e.g. ["pope", "mme"]), or tasks of `include_path`."""
+    limit: int | None = None
+    """Only the first N documents of each task (None: all)."""
+    every: int = 0
+    """Run every N optimizer steps (0: only at the end of the stage)."""
+    batch_size: int = 8
+    """Questions generated together (split over the ranks in micro_batch_size chunks)."""
+    include_path: str | None = None
+    """A folder of extra lmms-eval task YAMLs (local datasets)."""
+    env: str | None = None
+    """lmms-eval's venv (default: $VLMTRAIN_LMMS_ENV or ~/.cache/vlmtrain/lmms-venv; `vlmtrain eval lmms --setup`)."""
+
+    def validate(self, path: str) -> None:
+        _require(bool(self.tasks) and all(self.tasks), f"{path}.tasks", "must name at least one task")
+        _require(self.limit is None or self.limit >= 1, f"{path}.limit", "must be >= 1 or null")
+        _require(self.every >= 0, f"{path}.every", "must be >= 0")
+        _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """Optional validation during training, logged to `validation.jsonl` beside the training metrics."""
 
@@ -409,11 +433,15 @@ class ValidationConfig:
     """Also caption the held-out images (greedy) and score CIDEr against their references (needs Java)."""
     max_new_tokens: int = 32
     """Longest generated caption for CIDEr."""
+    lmms: LmmsValidationConfig | None = None
+    """lmms-eval benchmarks at their own interval (needs no `data`); scores go to metrics.jsonl, TensorBoard, W&B."""
 
     def validate(self, path: str) -> None:
         _require(self.every >= 0, f"{path}.every", "must be >= 0")
         _require(self.max_samples >= 1, f"{path}.max_samples", "must be >= 1")
         _require(self.max_new_tokens >= 1, f"{path}.max_new_tokens", "must be >= 1")
+        if self.lmms is not None:
+            self.lmms.validate(f"{path}.lmms")
 
 
 @dataclass(frozen=True)

@@ -132,11 +132,16 @@ def _memory_bound(stage: StageConfig, ctx: DistContext) -> tuple[int | None, Cal
 
 
 def _validator(stage: StageConfig, stage_dir: Path, ctx: DistContext, model, tokenizer) -> Validator | None:
-    """The stage's `validation` section as a Validator, or None when it names no data."""
-    if stage.validation.data is None:
+    """The stage's `validation` section as a Validator, or None when it names neither data nor lmms-eval tasks."""
+    source = stage.validation.data
+    if source is None and stage.validation.lmms is None:
         return None
-    factory = make_loader_factory(stage, model, tokenizer, ctx, source=stage.validation.data, training=False)
-    return Validator(stage, ctx, tokenizer, lambda: factory(None), stage_dir / "validation.jsonl")
+    factory = (
+        make_loader_factory(stage, model, tokenizer, ctx, source=source, training=False) if source else None
+    )
+    return Validator(
+        stage, ctx, tokenizer, lambda: factory(None) if factory else [], stage_dir / "validation.jsonl"
+    )
 
 
 def run_stage(

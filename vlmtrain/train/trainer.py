@@ -520,7 +520,12 @@ class Trainer:
                         metrics.write({**record, **merge_data_faults(gather_objects(loader.data_faults()))})
                     progress.update(task, completed=step, info=self._info(record))
                     if self.validator is not None and self.validator.due(step, self.total_steps):
-                        val = self.validator.run(engine, step)  # collective: all ranks validate in lockstep
+                        # collective: all ranks validate in lockstep
+                        val = self.validator.run(engine, step, self.total_steps)
+                        lmms = val.pop("lmms", None)
+                        if lmms is not None:  # benchmark scores beside the step metrics (TensorBoard, W&B)
+                            metrics.write({"step": step, "lmms": lmms})
+                            val.update({f"lmms/{k}": v for k, v in lmms.items()})
                         progress.console.print(
                             f"{stage.name} step {step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step")

@@ -11,6 +11,11 @@ because under FSDP a forward issues collectives (an all-gather per sharded block
   chunks do not depend on the world size, so neither do the greedy captions. A rank without a chunk in the
   last round captions a blank image and discards it; decoding stops when every rank's rows have stopped.
   Rank 0 gathers the captions, scores them, and broadcasts the score (or its error, raised on every rank).
+- lmms-eval (`validation.lmms`): rank 0 runs lmms-eval in its own environment (vlmtrain.eval.lmms.run_lmms)
+  and broadcasts each batch of questions it sends; every rank answers its chunks of the batch as for CIDEr
+  (same lockstep generation, same prompt path as `vlmtrain eval lmms`), rank 0 gathers the answers and hands
+  them back. A None broadcast ends the batches; then rank 0 broadcasts the scores (or its error). lmms-eval's
+  files go to `<stage>/lmms/step<N>/`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class Validator:
         self.chunk = stage.batch.micro_batch_size  # captions generated together (memory as a micro-batch)
         self.ctx, self.tokenizer, self.make_loader, self.path = ctx, tokenizer, make_loader, path
         self.last_captions: dict[str, str] = {}  # rank 0: the latest CIDEr run's captions by sample key
+        if self.cfg.lmms is not None:
+            from vlmtrain.eval.lmms_env import env_python
+
+            env_python(self.cfg.lmms.env)  # a missing environment fails at the start of the stage
+            if stage.model.attn_backend == "flex":
+                raise ValueError(
+                    f"stage {stage.name}: validation.lmms generates with a KV cache, which needs "
+                    "model.attn_backend sdpa or eager; drop validation.lmms or change the backend"
+                )
         if self.cfg.cider:
             from vlmtrain.eval.java import require_java
 
@@ -53,9 +67,14 @@ class Validator:
                 )
 
     def due(self, step: int, total: int) -> bool:
-        return self.cfg.data is not None and (
-            step == total or (self.cfg.every > 0 and step % self.cfg.every == 0)
-        )
+        """Something validates at `step`: the held-out set (validation.every) or lmms-eval (lmms.every)."""
+        return self._loss_due(step, total) or self._lmms_due(step, total)
+
+    def _loss_due(self, step: int, total: int) -> bool:
+        return self.cfg.data is not None and _at(step, total, self.cfg.every)
+
+    def _lmms_due(self, step: int, total: int) -> bool:
+        return self.cfg.lmms is not None and _at(step, total, self.cfg.lmms.every)
 
     # ---- held-out loss --------------------------------------------------------------------------------
     def held_out_loss(self, engine: Engine) -> float:
@@ -109,14 +128,36 @@ class Validator:
         Every rank makes ceil(chunks / world_size) `generate` calls; each decoding step ends with one
         all-reduce (does any rank still generate?), and reads its chosen tokens with one device-to-host copy.
         """
+        return self.answers(
+            engine,
+            len(samples),
+            samples.__getitem__,
+            lambda i: _question(samples[i]),
+            self.cfg.max_new_tokens,
+        )
+
+    def answers(
+        self,
+        engine: Engine,
+        n: int,
+        sample_of: Callable[[int], Any],
+        question_of: Callable[[int], str],
+        max_new_tokens: int,
+    ) -> dict[int, str]:
+        """Collective: greedy answers to questions 0..n-1 (every rank names the same n), this rank's chunks only.
+
+        Chunks of `micro_batch_size` go round-robin to the ranks, so the answers do not depend on the world size;
+        a rank without a chunk in the last round answers a blank image and discards it. `sample_of(i)` (an
+        EvalSample) is called only for this rank's questions.
+        """
         from vlmtrain.data.shard import DEFAULT_CAPTION_PROMPT
         from vlmtrain.eval.generate import GenerationConfig
         from vlmtrain.eval.run import EvalSample, answer_batch
 
         model = engine.module
         mode = "causal" if self.mask_mode == "causal" else "prefix"
-        config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, mask_mode=mode)
-        starts = list(range(0, len(samples), self.chunk))
+        config = GenerationConfig(max_new_tokens=max_new_tokens, mask_mode=mode)
+        starts = list(range(0, n, self.chunk))
         world, rank = self.ctx.world_size, self.ctx.rank
         rounds = -(-len(starts) // world)
         size = model.image_size
@@ -128,9 +169,9 @@ class Validator:
                 if k >= len(starts):
                     answer_batch(gen, [blank], [DEFAULT_CAPTION_PROMPT], model.num_image_tokens)
                     continue
-                idx = range(starts[k], min(starts[k] + self.chunk, len(samples)))
-                chunk = [samples[i] for i in idx]
-                answers = answer_batch(gen, chunk, [_question(s) for s in chunk], model.num_image_tokens)
+                idx = range(starts[k], min(starts[k] + self.chunk, n))
+                chunk = [sample_of(i) for i in idx]
+                answers = answer_batch(gen, chunk, [question_of(i) for i in idx], model.num_image_tokens)
                 out.update(zip(idx, answers, strict=True))
         return out
 
@@ -151,15 +192,86 @@ class Validator:
             raise RuntimeError(f"validation.cider: scoring on rank 0 failed: {error}")
         return float(score)
 
-    def run(self, engine: Engine, step: int) -> dict[str, float]:
-        """Collective: validate the engine's current weights; every rank returns the same record."""
-        record: dict[str, Any] = {"step": step, "val_loss": self.held_out_loss(engine)}
-        if self.cfg.cider:
-            record["val_cider"] = self.cider(engine)
+    # ---- lmms-eval ------------------------------------------------------------------------------------
+    def _answer_lmms_batch(self, engine: Engine, requests: list[Any]) -> list[str] | None:
+        """Collective: answers to one batch of lmms-eval questions (every rank holds the batch); rank 0 gets
+        them in order, the other ranks None."""
+        from vlmtrain.eval.lmms import by_budget, decode_png
+        from vlmtrain.eval.run import EvalSample
+
+        transform = engine.module.image_transform
+
+        def sample_of(j: int) -> Any:  # j: position in `requests`
+            png = requests[j].image
+            return EvalSample(str(j), {}, decode_png(png, transform) if png is not None else None)
+
+        mine: dict[int, str] = {}
+        for budget, idx in sorted(by_budget(requests).items()):  # the same order on every rank
+            got = self.answers(
+                engine,
+                len(idx),
+                lambda i, idx=idx: sample_of(idx[i]),
+                lambda i, idx=idx: requests[idx[i]].text,
+                budget,
+            )
+            mine.update({idx[i]: text for i, text in got.items()})
+        parts = gather_objects(mine)
+        if not self.ctx.is_main:
+            return None
+        merged = {i: text for part in parts for i, text in part.items()}
+        return [merged[i] for i in range(len(requests))]
+
+    def lmms(self, engine: Engine, step: int) -> dict[str, float]:
+        """Collective: lmms-eval's scores (`task/metric`) of the engine's current weights, on every rank."""
+        from vlmtrain.eval.lmms import flat_scores, run_lmms
+
+        cfg = self.cfg.lmms
+        assert cfg is not None
+        result: tuple[dict[str, float] | None, str | None] = (None, None)
+        if self.ctx.is_main:
+
+            def answer(requests: list[Any]) -> list[str]:
+                broadcast_object(requests)
+                answers = self._answer_lmms_batch(engine, requests)
+                assert answers is not None
+                return answers
+
+            out = self.path.parent / "lmms" / f"step{step:06d}"
+            try:
+                include = Path(cfg.include_path) if cfg.include_path else None
+                results = run_lmms(answer, cfg.tasks, out, cfg.limit, cfg.batch_size, include, cfg.env)
+                result = (flat_scores(results), None)
+            except Exception as err:  # reported on every rank below, so none waits for the others
+                result = (None, f"{type(err).__name__}: {err}")
+            broadcast_object(None)  # no more batches
+        else:
+            while (requests := broadcast_object(None)) is not None:
+                self._answer_lmms_batch(engine, requests)
+        scores, error = broadcast_object(result)
+        if error is not None:
+            raise RuntimeError(f"validation.lmms at step {step}: {error}")
+        return dict(scores)
+
+    def run(self, engine: Engine, step: int, total: int | None = None) -> dict[str, Any]:
+        """Collective: validate the engine's current weights; every rank returns the same record.
+
+        `total` (the stage's steps) says which parts are due at `step`; None runs every configured part."""
+        total = step if total is None else total
+        record: dict[str, Any] = {"step": step}
+        if self._loss_due(step, total):
+            record["val_loss"] = self.held_out_loss(engine)
+            if self.cfg.cider:
+                record["val_cider"] = self.cider(engine)
+        if self._lmms_due(step, total):
+            record["lmms"] = self.lmms(engine, step)
         if self.ctx.is_main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return record
+
+
+def _at(step: int, total: int, every: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
 
 
 def _question(sample: Any) -> str:
