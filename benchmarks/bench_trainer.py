@@ -666,7 +666,9 @@ def _benchmark(args, size: Size, name: str, work: Path, budget: Budget, cuda: bo
             continue
         run_dir = work / "runs" / run.name.replace("/", "-")
         entry.update(run_trainer(cfg_path, run_dir, steps, min(args.run_timeout_s, left), args.threads))
-        entry.update(summarize(read_records(Path(entry["metrics"])), args.warmup_steps))
+        records = read_records(Path(entry["metrics"]))
+        if records:  # a run that died before its first step has figures of nothing
+            entry.update(summarize(records, args.warmup_steps))
         _print_run(run.name, entry)
     _compare(runs_out)
     return {
@@ -705,8 +707,8 @@ def _compare(runs: dict[str, Any]) -> None:
 
 
 def _print_run(name: str, entry: dict[str, Any]) -> None:
-    f = entry["figures"]
-    parts = [entry["status"], f"{len(entry['timed_steps'])} timed steps"]
+    f = entry.get("figures", {})
+    parts = [entry["status"], f"{len(entry.get('timed_steps', []))} timed steps"]
     for key, fmt in (
         ("step_time_s", "{:.3f} s/step"),
         ("tokens_per_s", "{:,.0f} tok/s"),
