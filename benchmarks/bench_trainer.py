@@ -576,7 +576,8 @@ def plan_runs(args, bases: dict[int, Any], cuda: bool) -> list[Run]:
     runs = []
     if variants or args.variant_stage in stages:
         runs.append(Run(args.variant_stage, "shipped", {}))
-    runs += variant_runs(args.variant_stage, bases[args.variant_stage], variants, cuda)
+    if variants:
+        runs += variant_runs(args.variant_stage, bases[args.variant_stage], variants, cuda)
     runs += [Run(s, "shipped", {}) for s in SHIPPED_ORDER if s in stages and s != args.variant_stage]
     return runs
 

@@ -61,6 +61,54 @@ def test_refused_variant_is_recorded_with_the_config_error(tmp_path):
         assert problem is not None and named in problem
 
 
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and k != "vision_config":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_variant_changes_one_setting_of_the_preset(tmp_path, stage):
+    from vlmtrain.config.load import load_stage_config
+
+    comps = bt.Components(tmp_path / "v", tmp_path / "l", tmp_path / "t")
+    base = bt.preset_config(stage, comps, tmp_path / "manifest.json", bt.Size.reduced_size(), 3)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(base))
+    resolved = load_stage_config(config=path)
+    runs = bt.variant_runs(stage, resolved, bt.VARIANTS, cuda=False)
+    assert len(runs) == len(bt.VARIANTS)
+    preset = json.loads(bt.REPO.joinpath("vlmtrain", "stages", f"stage{stage}.json").read_text())
+    for run in runs:
+        changed = {
+            k: v
+            for k, v in _flat(bt.apply_overrides(base, run.overrides)).items()
+            if _flat(base).get(k, "absent") != v
+        }
+        assert len(changed) == 1, (run.variant, changed)  # zero1's engine=deepspeed is the preset's already
+        (key, value), *_ = changed.items()
+        if (
+            key == "data.token_budget"
+        ):  # the other layout: the preset's budget off, or 8 rows of max_length on
+            expected = None if preset["data"].get("token_budget") else 8 * preset["data"]["max_length"]
+            assert value == expected
+        elif key == "train.gradient_checkpointing":
+            assert preset["train"]["gradient_checkpointing"] == "auto" and value is False
+        elif key == "model.attn_backend":
+            assert preset["model"]["attn_backend"] == "auto" and value == "flex"  # auto is sdpa in this tree
+        else:
+            assert {key: value} in (
+                {"train.compile": True},
+                {"train.compile": False},
+                {"train.ds_config": "zero1_bf16"},
+                {"train.engine": "fsdp"},
+            )
+
+
 def _medians(records, warmup, key):
     return statistics.median(r[key] for r in records if r["step"] > warmup)
 
