@@ -534,8 +534,8 @@ def run_trainer(
     outcome: dict[str, Any] = {
         "status": status,
         "wall_s": round(time.monotonic() - start, 1),
-        "metrics": str(metrics),
-        "log": str(log),
+        "metrics": str(metrics.relative_to(run_dir.parent.parent)),  # under the work dir
+        "log": str(log.relative_to(run_dir.parent.parent)),
     }
     if status != "ok":
         outcome["error_tail"] = log.read_text(errors="replace")[-TAIL_CHARS:]
@@ -667,7 +667,7 @@ def _benchmark(args, size: Size, name: str, work: Path, budget: Budget, cuda: bo
             continue
         run_dir = work / "runs" / run.name.replace("/", "-")
         entry.update(run_trainer(cfg_path, run_dir, steps, min(args.run_timeout_s, left), args.threads))
-        records = read_records(Path(entry["metrics"]))
+        records = read_records(work / entry["metrics"])
         if records:  # a run that died before its first step has figures of nothing
             entry.update(summarize(records, args.warmup_steps))
         _print_run(run.name, entry)
@@ -681,6 +681,7 @@ def _benchmark(args, size: Size, name: str, work: Path, budget: Budget, cuda: bo
         "timed_steps": args.steps,
         "budget_s": args.budget_s,
         "setup_s": round(setup_s, 1),
+        "work_dir": str(work) if args.work_dir is not None else None,  # None: a temp dir, deleted
         "wall_s": round(time.monotonic() - budget.start, 1),
         "components": {"vision": size.vision, "language": size.language, "weights": str(size.weights_dtype)},
         "preset_overrides": {

@@ -127,7 +127,8 @@ def test_cpu_run_reports_the_trainers_metrics(tmp_path):
     flops = {}
     for name, entry in runs.items():
         assert entry["status"] == "ok", entry.get("error_tail")
-        records = [json.loads(line) for line in Path(entry["metrics"]).read_text().splitlines()]
+        metrics = Path(report["work_dir"]) / entry["metrics"]
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2, 3]
         assert entry["timed_steps"] == [2, 3]  # the warm-up step is not in the figures
         for key in ("step_time_s", "tokens_per_s", "samples_per_s", "padding_fraction", "loss"):
