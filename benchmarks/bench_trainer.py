@@ -517,20 +517,22 @@ def run_trainer(
             start_new_session=True,
         )
         status = None
-        while status is None:
-            time.sleep(0.5)
-            records = read_records(metrics)
-            if records and int(records[-1]["step"]) >= total_steps:
-                status = "ok"
-            elif proc.poll() is not None:
-                status = "ok" if proc.returncode == 0 else f"failed: exit code {proc.returncode}"
-            elif time.monotonic() - start > timeout:
-                status = f"timed out after {timeout:.0f} s"
-        if proc.poll() is None:
-            # Its own process group: the trainer and its reader workers, nothing else.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            while status is None:
+                time.sleep(0.5)
+                records = read_records(metrics)
+                if records and int(records[-1]["step"]) >= total_steps:
+                    status = "ok"
+                elif proc.poll() is not None:
+                    status = "ok" if proc.returncode == 0 else f"failed: exit code {proc.returncode}"
+                elif time.monotonic() - start > timeout:
+                    status = f"timed out after {timeout:.0f} s"
+        finally:  # also when this script is interrupted: no trainer may outlive it holding the GPU
+            if proc.poll() is None:
+                # Its own process group: the trainer and its reader workers, nothing else.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     outcome: dict[str, Any] = {
         "status": status,
         "wall_s": round(time.monotonic() - start, 1),
@@ -726,4 +728,6 @@ def _print_run(name: str, entry: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (an outer timeout) unwinds through run_trainer's cleanup instead of orphaning a trainer.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     main()
