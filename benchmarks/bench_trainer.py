@@ -697,6 +697,9 @@ def _benchmark(args, size: Size, name: str, work: Path, budget: Budget, cuda: bo
                 "train.log_every",
             ],
         },
+        # True would mean this process holds a CUDA context (~0.5 GB of the GPU) while the trainers run; it
+        # imports deepspeed for preflight's DeepSpeed-config check, which is not meant to touch the device.
+        "harness_cuda_initialized": torch.cuda.is_initialized(),
         "runs": runs_out,
     }
 
