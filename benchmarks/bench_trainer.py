@@ -601,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work-dir", type=Path, default=None, help="inputs and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS) - {""})
+    if unknown:  # before minutes of setup
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     budget = Budget(args.budget_s)
     cuda = torch.cuda.is_available()
     size = Size.reduced_size() if args.reduced or not cuda else Size.real()
