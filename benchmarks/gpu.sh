@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The GPU figures in one command: the real-size step benchmark per stage with each optimisation toggled
-# (benchmarks/bench_gpu_step.py -> benchmarks/results/gpu_<device>.json), then the CUDA-only tests.
+# The GPU figures in one command: the trainer itself (`vlmtrain train`, one rank) at real size, each stage's
+# preset and each variant toggled once (benchmarks/bench_trainer.py -> benchmarks/results/trainer_<device>.json),
+# then the CUDA-only tests (`pytest -m gpu`) whatever the benchmark's outcome. The benchmark stops itself
+# within its own time budget (--budget-s, default 450 s, setup included), so the tests always get their turn.
 # Without CUDA the benchmark runs a reduced size and says so, and the CUDA tests are skipped.
-#   bash benchmarks/gpu.sh [bench_gpu_step.py options, e.g. --stages 2,3]
-set -euo pipefail
+#   bash benchmarks/gpu.sh [bench_trainer.py options, e.g. --budget-s 300 --stages 3 --variants attn,compile]
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
-"$PY" benchmarks/bench_gpu_step.py "$@"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" benchmarks/bench_trainer.py "$@"
+bench=$?
 DS_ACCELERATOR="${DS_ACCELERATOR:-cuda}" "$PY" -m pytest -q -rs -m gpu tests
+tests=$?
+echo "gpu.sh: benchmark exit code $bench, CUDA tests exit code $tests"
+[ "$bench" -eq 0 ] && [ "$tests" -eq 0 ]
