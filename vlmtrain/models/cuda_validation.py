@@ -30,8 +30,9 @@ REQUIRED_TESTS = (
 """Tests (by function name; parametrised cases count per function) that must all have passed."""
 
 
-def validated_versions(path: Path = RECORD) -> dict[str, dict]:
+def validated_versions(path: Path | None = None) -> dict[str, dict]:
     """torch version -> what was recorded for it (device, date); {} when nothing is recorded yet."""
+    path = path or RECORD
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
@@ -43,8 +44,9 @@ def validated_versions(path: Path = RECORD) -> dict[str, dict]:
     return versions
 
 
-def cuda_fast_path(feature: str, path: Path = RECORD) -> tuple[bool, str]:
+def cuda_fast_path(feature: str, path: Path | None = None) -> tuple[bool, str]:
     """(use the CUDA fast path `feature`, the reason, for the log)."""
+    path = path or RECORD
     if not torch.cuda.is_available():
         return False, f"{feature}: no CUDA device"
     version = torch.__version__
@@ -75,8 +77,9 @@ def passed_tests(junit_xml: Path) -> set[str]:
     return passed - bad
 
 
-def record(junit_xml: Path, path: Path = RECORD) -> str:
+def record(junit_xml: Path, path: Path | None = None) -> str:
     """Add this torch to the record if the report shows every REQUIRED_TESTS case passed on CUDA."""
+    path = path or RECORD
     if not torch.cuda.is_available():
         raise SystemExit("cuda_validation record: no CUDA device here; the CUDA tests cannot have run")
     missing = [t for t in REQUIRED_TESTS if t not in passed_tests(junit_xml)]

@@ -1,11 +1,10 @@
-"""FlexAttention as the LM's attention kernel: native grouped-query attention, one compiled kernel for every length.
+"""FlexAttention as the LM's attention kernel: native grouped-query attention, no recompile across lengths.
 
 Registered with transformers under `FLEX_IMPLEMENTATION` through its public `AttentionInterface` /
 `AttentionMaskInterface`, and selected by `attn_implementation` (vlmtrain.models.language). Why not
 transformers' own `flex_attention`: for a query-head count that is not a power of two (Qwen2.5-0.5B: 14 query,
 2 KV heads) it repeats K and V to every query head (7x their memory and reads per layer), and it compiles the
-kernel with `torch.compile`'s default dynamism, which compiles again when the key length first changes. Here
-the kernel gets `enable_gqa=True` for any head ratio and is compiled once with dynamic shapes.
+kernel with `torch.compile`'s default dynamism. Here the kernel gets `enable_gqa=True` for any head ratio.
 
 The mask is the caller's BlockMask (vlmtrain.models.masks.flex_block_mask), built once per micro-batch and
 handed to the decoder as its `attention_mask`; a tensor mask is refused (it would be a dense score mask).
@@ -24,10 +23,15 @@ FLEX_IMPLEMENTATION = "vlmtrain_flex"
 
 @functools.cache
 def _compiled_flex():
-    """flex_attention compiled once for the process, with dynamic shapes (lengths and batch sizes vary)."""
+    """flex_attention compiled for the process: the first shape compiles a static kernel, the first other
+    shape one with dynamic lengths and batch sizes that serves every later shape (two graphs in all).
+
+    Not `dynamic=True` from the first call: on CPU, inductor's flex template then fails to build for a row
+    shorter than a tile (torch 2.13), and the first graph specialised the batch size anyway.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    return torch.compile(flex_attention)
 
 
 def flex_attention_forward(
