@@ -134,3 +134,26 @@ def test_train_compile_is_validated():
     TrainConfig(compile=True).validate("train")
     with pytest.raises(ValidationError, match=r"train.compile.*must be \"auto\", true or false"):
         TrainConfig(compile="yes").validate("train")
+
+
+def test_cider_validation_refuses_auto_where_it_resolves_to_flex(record, tmp_path, monkeypatch):
+    """CIDEr generates with a KV cache (sdpa / eager only): `auto` is refused where it means flex, at the
+    start of the stage, and accepted where it means sdpa."""
+    import dataclasses
+
+    from vlmtrain.config.load import load_stage_config
+    from vlmtrain.eval import java
+    from vlmtrain.train.validation import Validator
+
+    monkeypatch.setattr(java, "require_java", lambda: None)
+    stage = load_stage_config(stage=2)
+    stage = dataclasses.replace(
+        stage,
+        model=dataclasses.replace(stage.model, attn_backend="auto"),
+        validation=dataclasses.replace(stage.validation, cider=True),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    Validator(stage, None, None, None, tmp_path / "v.jsonl")  # no record for this torch: sdpa
+    record.write_text(json.dumps({"torch_versions": {torch.__version__: {"device": "H100"}}}))
+    with pytest.raises(ValueError, match=r"validation.cider .*\(it is 'auto', which is flex here\)"):
+        Validator(stage, None, None, None, tmp_path / "v.jsonl")
