@@ -130,7 +130,8 @@ def flex_block_mask(
     _check(mode, sample_ids, image_flags)
     t = sample_ids.shape[1]
     # No window: a width no distance reaches, so `|q - k| < w` holds everywhere and the graph is shared.
-    width = torch.tensor(t + 1 if window is None else window, device=sample_ids.device)
+    # torch.full fills on the device (no host-to-device copy that could wait on the stream).
+    width = torch.full((), t + 1 if window is None else window, device=sample_ids.device)
     return _block_mask_builder()(sample_ids.contiguous(), image_flags.bool().contiguous(), width, mode)
 
 
