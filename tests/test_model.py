@@ -258,10 +258,13 @@ def test_components_load_from_local_checkpoints(tmp_path, tokenizer):
         assert torch.equal(p, qwen.state_dict()[name]), name
 
 
-def test_auto_backend_resolves_to_sdpa_until_flex_is_tested_on_cuda(tokenizer, tiny_model_config):
+def test_auto_backend_resolves_to_sdpa_without_cuda(tokenizer, tiny_model_config, monkeypatch):
+    """Without CUDA `auto` is SDPA (on CUDA: flex once recorded; tests/test_flex_policy.py)."""
     import dataclasses
 
     from vlmtrain.models.language import resolve_attn_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     assert resolve_attn_backend("auto") == "sdpa"
     assert [resolve_attn_backend(b) for b in ("sdpa", "flex", "eager")] == ["sdpa", "flex", "eager"]

@@ -341,6 +341,8 @@ class TrainConfig:
     """Parameter and compute dtype of the engine."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     """Activation recompute per tower. `auto`: of the towers whose weights train (the LM in stages 2-3, the vision tower when it trains; none in stages 0-1, where the LM is frozen and only passes gradients to the projector), only those `vlmtrain plan`'s memory estimate of the micro-batch needs to fit `device_memory_gib` (else the CUDA device's memory; fewest towers first, logged at the start; on CPU without device_memory_gib all of them); `true`: every trained tower and also a frozen LM that backward passes through; `false`: none. docs/training.md has the measured costs."""
+    compile: Literal["auto"] | bool = "auto"
+    """torch.compile of each vision and LM transformer layer (regional, dynamic shapes) and of the loss chunk (vlmtrain/models/compile.py). `auto`: on with CUDA once the CUDA tests have passed for this torch (vlmtrain/models/cuda_validated.json, written by benchmarks/gpu.sh), off otherwise; on CPU compiling costs tens of seconds per stage for a small gain (benchmarks/README.md, "Compile")."""
     checkpoint_every_n_layers: int = 1
     """In a checkpointed tower, recompute every n-th transformer layer (1: all); the others keep their activations, trading memory back for speed."""
     engine: Literal["deepspeed", "fsdp"] = "deepspeed"
@@ -388,6 +390,11 @@ class TrainConfig:
             isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto",
             f"{path}.gradient_checkpointing",
             f'must be "auto", true or false, got {self.gradient_checkpointing!r}',
+        )
+        _require(
+            isinstance(self.compile, bool) or self.compile == "auto",
+            f"{path}.compile",
+            f'must be "auto", true or false, got {self.compile!r}',
         )
         _require(self.checkpoint_every_n_layers >= 1, f"{path}.checkpoint_every_n_layers", "must be >= 1")
         if self.wandb is not None:

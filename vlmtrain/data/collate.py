@@ -3,7 +3,9 @@ step's samples into token-budget micro-batches of packed rows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +99,68 @@ def budget_collate(
         "num_tokens": sum(m["num_tokens"] for m in micros),
         "keys": [k for m in micros for k in m["keys"]],
     }
+
+
+def make_collate(
+    *,
+    pad_token_id: int,
+    max_length: int,
+    image_size: int,
+    pack_length: int | None = None,
+    token_budget: int | None = None,
+    width_multiple: int | None = None,
+) -> Callable[[list[ProcessedSample]], Batch]:
+    """The collate function of a loader: token-budget step groups, packed rows, or padded rows.
+
+    ``width_multiple`` (FlexAttention's 128-token tile when the LM attends with flex) makes every row width a
+    multiple of it in each path: padded rows round the longest sample up, packed rows round ``pack_length``
+    up, budget rows choose among multiples of it (and of ``BUDGET_WIDTH_MULTIPLE``) up to the rounded row
+    length. A flex kernel then never sees a partial tile, and the row widths come from a short list.
+    """
+    if width_multiple is not None and width_multiple < 1:
+        raise ValueError(f"width_multiple must be >= 1, got {width_multiple}")
+    align = width_multiple or 1
+    if token_budget is not None:
+        row_length = pack_length if pack_length is not None else max_length
+        if not max_length <= row_length <= token_budget:
+            raise ValueError(
+                f"token_budget={token_budget}, row length {row_length} (pack_length or max_length), "
+                f"max_length={max_length}: need max_length <= row length <= token_budget so every sample fits a "
+                "row and a row fits the budget"
+            )
+        aligned = _round_up(row_length, align)
+        if aligned > token_budget:
+            raise ValueError(
+                f"data.token_budget={token_budget} is below the row length {row_length} rounded up to a multiple "
+                f"of {align} (FlexAttention's tile) = {aligned}; raise data.token_budget to at least {aligned}"
+            )
+        return functools.partial(
+            budget_collate,
+            row_length=aligned,
+            token_budget=token_budget,
+            pad_token_id=pad_token_id,
+            image_size=image_size,
+            width_multiple=math.lcm(BUDGET_WIDTH_MULTIPLE, align),
+        )
+    if pack_length is None:
+        return functools.partial(
+            pad_collate, pad_token_id=pad_token_id, pad_to_multiple_of=width_multiple, image_size=image_size
+        )
+    if pack_length < max_length:
+        raise ValueError(
+            f"pack_length={pack_length} is below max_length={max_length}: a full-length sample could not be "
+            "packed; raise the pack length or lower max_length"
+        )
+    return functools.partial(
+        pack_collate,
+        row_length=_round_up(pack_length, align),
+        pad_token_id=pad_token_id,
+        image_size=image_size,
+    )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _tightest_rows(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import logging
 import signal
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmtrain.data.collate import Batch, budget_collate, pack_collate, pad_collate
+from vlmtrain.data.collate import Batch, make_collate
 from vlmtrain.data.order import draw, permutation, splitmix64  # noqa: F401  (re-exported)
 from vlmtrain.data.process import ProcessedSample, RawSample, SampleProcessor, Skip
 from vlmtrain.data.shard_reader import ShardSamples, read_shard, split_member_name  # noqa: F401  (re-exported)
@@ -504,36 +503,13 @@ class StreamLoader:
     def _collate_fn(
         self, pack_length: int | None, pad_token_id: int, pad_to_multiple_of: int | None
     ) -> Callable[[list[ProcessedSample]], Batch]:
-        image_size = self.processor.transform.image_size
-        if self.token_budget is not None:
-            row_length = pack_length if pack_length is not None else self.processor.config.max_length
-            if not self.processor.config.max_length <= row_length <= self.token_budget:
-                raise ValueError(
-                    f"token_budget={self.token_budget}, row length {row_length} (pack_length or max_length), "
-                    f"max_length={self.processor.config.max_length}: need max_length <= row length <= "
-                    "token_budget so every sample fits a row and a row fits the budget"
-                )
-            return functools.partial(
-                budget_collate,
-                row_length=row_length,
-                token_budget=self.token_budget,
-                pad_token_id=pad_token_id,
-                image_size=image_size,
-            )
-        if pack_length is None:
-            return functools.partial(
-                pad_collate,
-                pad_token_id=pad_token_id,
-                pad_to_multiple_of=pad_to_multiple_of,
-                image_size=image_size,
-            )
-        if pack_length < self.processor.config.max_length:
-            raise ValueError(
-                f"pack_length={pack_length} is below max_length={self.processor.config.max_length}: a full-length "
-                "sample could not be packed; raise the pack length or lower max_length"
-            )
-        return functools.partial(
-            pack_collate, row_length=pack_length, pad_token_id=pad_token_id, image_size=image_size
+        return make_collate(
+            pad_token_id=pad_token_id,
+            max_length=self.processor.config.max_length,
+            image_size=self.processor.transform.image_size,
+            pack_length=pack_length,
+            token_budget=self.token_budget,
+            width_multiple=pad_to_multiple_of,
         )
 
     def _check_slots(self) -> None:

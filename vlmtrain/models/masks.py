@@ -22,6 +22,7 @@ mask, a sliding layer intersected with its window.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +50,7 @@ def _allowed(
     img_k: torch.Tensor,
     pos_q: torch.Tensor,
     pos_k: torch.Tensor,
-    window: int | None = None,
+    window: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mask rule on broadcastable index tensors; shared by the dense and the FlexAttention builders.
 
@@ -118,12 +119,25 @@ def eager_mask(
 def flex_block_mask(
     mode: MaskMode, sample_ids: torch.Tensor, image_flags: torch.Tensor, window: int | None = None
 ):  # -> BlockMask
-    """FlexAttention BlockMask with the same rule; blocks that are fully masked are skipped by the kernel."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention BlockMask with the same rule; blocks that are fully masked are skipped by the kernel.
 
+    Built by a compiled `create_block_mask` (`_block_mask_builder`): it evaluates the rule tile by tile and
+    never forms the dense [B, T, T] mask that the eager builder materialises (8 x 2,048^2 booleans per
+    micro-batch at real size, on the device). Called once per micro-batch and shared by every layer (one per
+    window for sliding layers). The window is a tensor input, so windowed and full layers share one compiled
+    graph; the mode is a constant of the graph (one per stage).
+    """
     _check(mode, sample_ids, image_flags)
-    sids = sample_ids.contiguous()
-    imgs = image_flags.bool().contiguous()
+    t = sample_ids.shape[1]
+    # No window: a width no distance reaches, so `|q - k| < w` holds everywhere and the graph is shared.
+    # torch.full fills on the device (no host-to-device copy that could wait on the stream).
+    width = torch.full((), t + 1 if window is None else window, device=sample_ids.device)
+    return _block_mask_builder()(sample_ids.contiguous(), image_flags.bool().contiguous(), width, mode)
+
+
+def _build_block_mask(sids: torch.Tensor, imgs: torch.Tensor, window: torch.Tensor, mode: str):
+    """`create_block_mask` of the stage rule on one batch; compiled by `_block_mask_builder`."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         return _allowed(
@@ -132,6 +146,17 @@ def flex_block_mask(
 
     b, t = sids.shape
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=sids.device)
+
+
+@functools.cache
+def _block_mask_builder():
+    """The compiled BlockMask builder (PyTorch's advice over `create_block_mask(_compile=True)`).
+
+    `dynamic=True`: one graph for every row width and batch size, so steps of varying length do not
+    recompile. Sizes of exactly 1 (a single-row micro-batch, a single-tile row of 128) are specialised by
+    the compiler: each adds one graph the first time it occurs, never more.
+    """
+    return torch.compile(_build_block_mask, dynamic=True, fullgraph=True)
 
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile; the flex path pads sequences to a multiple of it

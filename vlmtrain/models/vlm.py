@@ -90,6 +90,7 @@ class VisionLanguageModel(nn.Module):
         self.image_transform = image_transform or family.default_transform(vision.config)
         self.vision_skip_tokens = family.skip_tokens(vision.config)
         self.pixel_shuffle = projector.pixel_shuffle
+        self.compiled_loss = False  # the loss chunks under torch.compile (train.compile; models/compile.py)
         side = family.grid_side(vision.config, self.image_transform.image_size)
         if side % self.pixel_shuffle:
             raise ValueError(
@@ -239,7 +240,9 @@ class VisionLanguageModel(nn.Module):
             rows, cols = index.unbind(1)
             losses = F.cross_entropy(logits[rows, cols].float(), labels[rows, cols + 1], reduction="none")
         else:
-            losses, index = token_losses(hidden, head, labels, sample_ids, supervised_index)
+            losses, index = token_losses(
+                hidden, head, labels, sample_ids, supervised_index, compiled=self.compiled_loss
+            )
             rows, cols = index.unbind(1)
         token_loss = torch.zeros_like(labels, dtype=torch.float32)
         token_loss[rows, cols + 1] = losses  # aligned with the label positions

@@ -15,6 +15,7 @@ from vlmtrain.data.chat_format import prepare_tokenizer
 from vlmtrain.dist import DistContext, barrier
 from vlmtrain.logging import console_for
 from vlmtrain.models.freeze import apply_trainability, trainability_table
+from vlmtrain.models.language import describe_attn_backend
 from vlmtrain.models.lora import LoraBase
 from vlmtrain.models.masks import FLEX_BLOCK_SIZE
 from vlmtrain.models.vlm import VisionLanguageModel
@@ -96,7 +97,7 @@ def make_loader_factory(
             shuffle=training,
             resample=training,
             pack_length=stage.data.pack_length,
-            # FlexAttention compiles per sequence length: tile-multiple lengths keep recompiles rare.
+            # FlexAttention works in 128-token tiles: every batching path aligns its row widths to them.
             pad_to_multiple_of=FLEX_BLOCK_SIZE if model.attn_backend == "flex" else None,
             state=state,
             pin_memory=ctx.device.type == "cuda",
@@ -161,6 +162,7 @@ def run_stage(
     model, tokenizer = load_model_and_tokenizer(stage, run_dir)
     apply_trainability(model, stage.modules, stage.train.seed, lora_base(stage, run_dir))
     console.print(trainability_table(model, stage.modules, f"{stage.name}: module groups"))
+    console.print(f"{stage.name}: {describe_attn_backend(stage.model.attn_backend, model.attn_backend)}")
     model.to(ctx.device)
     total = total_steps_for(stage)
     trainer = Trainer(

@@ -30,6 +30,7 @@ from vlmtrain.data.stream import merge_data_faults
 from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
 from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
 from vlmtrain.logging import MetricsWriter, WandbSink, console_for, loss_curve, plot_loss_curves
+from vlmtrain.models.compile import apply_compile
 from vlmtrain.models.freeze import TABLE_COLUMNS, trainability_rows
 from vlmtrain.models.lora import LoraBaseMismatch, lora_state, save_lora_output
 from vlmtrain.models.loss import supervised_index
@@ -434,6 +435,9 @@ class Trainer:
         frozen = self._frozen_originals()
         groups = trainability_rows(self.model, stage.modules)  # before an engine shards the parameters
         self._enable_checkpointing()
+        self.console.print(
+            f"{stage.name}: {apply_compile(self.model, stage.train.compile)}"
+        )  # before the engine
         self.model.train()
         engine = self._build_engine()
         self.console.print(f"{stage.name}: {engine.precision.describe()}")

@@ -60,10 +60,14 @@ class Validator:
             from vlmtrain.eval.java import require_java
 
             require_java()  # fail at the start of the stage, not at the first validation
-            if stage.model.attn_backend == "flex":
+            from vlmtrain.models.language import resolve_attn_backend
+
+            # `auto` counts as what it resolves to here (flex on a CUDA machine whose torch passed the tests).
+            if resolve_attn_backend(stage.model.attn_backend) == "flex":
                 raise ValueError(
                     f"stage {stage.name}: validation.cider generates with a KV cache, which needs "
-                    "model.attn_backend sdpa or eager; set validation.cider=false or change the backend"
+                    f"model.attn_backend sdpa or eager (it is {stage.model.attn_backend!r}, which is flex here); "
+                    "set validation.cider=false or model.attn_backend: sdpa"
                 )
 
     def due(self, step: int, total: int) -> bool:
