@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from test_collate import make_samples, reference_rows
+from test_compile import varying_batches
 
 from vlmtrain.data.collate import make_collate
 from vlmtrain.models import compile as vcompile
@@ -128,16 +129,7 @@ def test_compile_loss_chunk_routes_this_models_loss_through_the_compiled_chunks(
         return loss.ChunkFns(loss.forward_chunk, loss.backward_chunk)
 
     monkeypatch.setattr(loss, "compiled_chunk_fns", counted)
-    ids = torch.full((2, 24), 5, dtype=torch.long)
-    ids[:, : tiny_model.num_image_tokens] = tiny_model.image_token_id
-    labels = ids.clone()
-    labels[:, : tiny_model.num_image_tokens + 4] = -100
-    size = tiny_model.image_transform.image_size
-    batch = {
-        "input_ids": ids,
-        "labels": labels,
-        "pixel_values": torch.zeros(2, 3, size, size, dtype=torch.uint8),
-    }
+    batch = varying_batches(tiny_model, 1)[0]
     eager = tiny_model(**batch, mask_mode="prefix").loss
     assert calls == []
     vcompile.compile_loss_chunk(tiny_model, True)
