@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vlmtrain.dist import DistContext
 from vlmtrain.train.shards import (
     KINDS,
     GatheredReader,
@@ -23,6 +24,7 @@ from vlmtrain.train.shards import (
     write_rank_files,
 )
 
+CPU_CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SHAPES = {"a.weight": (7, 5), "a.bias": (7,), "b.weight": (3, 4, 2), "c.weight": (1, 9), "d.bias": (2,)}
 
 
@@ -183,3 +185,70 @@ def test_gathered_reader_reads_row_ranges_exactly(tmp_path):
         c = rng.randint(0, n - s)
         for kind in KINDS:
             assert torch.equal(reader.read(kind, name, s, c), state[kind][name].reshape(-1)[s : s + c])
+
+
+# ---- CheckpointWriter: a world of one (no process group), an engine that hands out its pieces ------------
+
+
+class PieceEngine:
+    """The two Engine entries the writer uses: its step counts and its live local pieces."""
+
+    def __init__(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.state = state
+
+    def counts(self) -> tuple[int, int]:
+        return 3, 3
+
+    def local_pieces(self) -> dict[str, Piece]:
+        return {
+            n: Piece(SHAPES[n], 0, math.prod(SHAPES[n]), {k: self.state[k][n].view(-1) for k in KINDS})
+            for n in SHAPES
+        }
+
+
+@pytest.mark.filterwarnings("ignore:ignoring half-written checkpoint")
+def test_async_save_completes_at_finish_with_the_values_of_the_save_call(tmp_path):
+    from vlmtrain.train import checkpoint as ckpt
+    from vlmtrain.train.checkpoint import CheckpointWriter, open_state
+
+    state = full_state(4)
+    expected = {k: {n: v.clone() for n, v in d.items()} for k, d in state.items()}
+    writer = CheckpointWriter(tmp_path, CPU_CTX, keep=2, fmt="sharded", asynchronous=True)
+    path = writer.save(5, PieceEngine(state), {"stage": "t"}, wait=False)
+    for d in state.values():  # training goes on and changes the live tensors
+        for v in d.values():
+            v.add_(1.0)
+    writer._pending.thread.join()
+    assert not (path / "COMPLETE").exists() and ckpt.find_latest(tmp_path) is None, "complete before commit"
+    assert writer.poll() == path and writer.poll() is None
+    assert (path / "COMPLETE").is_file() and ckpt.find_latest(tmp_path) == path
+    meta = json.loads((path / "trainer_state.json").read_text())
+    assert (meta["format"], meta["world_size"], meta["optimizer_steps"], meta["step"]) == ("sharded", 1, 3, 5)
+    reader = open_state(path)
+    for kind in KINDS:
+        for name, value in expected[kind].items():
+            assert torch.equal(reader.full(kind, name), value), (kind, name)
+
+
+@pytest.mark.filterwarnings("ignore:ignoring half-written checkpoint")
+def test_async_write_failure_is_raised_at_finish_and_nothing_is_complete(tmp_path, monkeypatch):
+    from vlmtrain.train import checkpoint as ckpt
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "write_rank_files", fail)
+    writer = ckpt.CheckpointWriter(tmp_path, CPU_CTX, keep=2, fmt="sharded", asynchronous=True)
+    writer.save(7, PieceEngine(full_state(5)), {}, wait=False)
+    with pytest.raises(
+        RuntimeError, match=r"writing checkpoint .*step-00000007\.partial failed on this rank"
+    ):
+        writer.finish()
+    assert ckpt.find_latest(tmp_path) is None
+
+
+def test_gathered_format_cannot_be_asynchronous(tmp_path):
+    from vlmtrain.train.checkpoint import CheckpointWriter
+
+    with pytest.raises(ValueError, match=r"checkpoint_async needs train\.checkpoint_format: sharded"):
+        CheckpointWriter(tmp_path, CPU_CTX, keep=1, fmt="gathered", asynchronous=True)

@@ -24,6 +24,7 @@ from train_fixtures import (
     TrainData,
     TrainProcess,
     assert_same_tensors,
+    checkpoint_dir,
     checkpoint_tensors,
     complete_checkpoints,
     load_weights,
@@ -246,8 +247,13 @@ def fsdp_reference(tmp_path_factory: pytest.TempPathFactory, data: TrainData) ->
     return out / "config.json", out / "run" / "stage2"
 
 
-def test_fsdp_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, fsdp_reference):
-    config, reference = fsdp_reference
+def test_fsdp_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, fsdp_reference, data):
+    """The interrupted run writes its sharded checkpoints asynchronously (the reference synchronously): the
+    bytes a background thread wrote resume to the uninterrupted run bitwise."""
+    _, reference = fsdp_reference
+    cfg = resume_config(data)
+    cfg["train"]["checkpoint_async"] = True
+    config = write_config(cfg, tmp_path / "config.json")
     run = tmp_path / "run"
     metrics = run / "stage2" / "metrics.jsonl"
     job = TrainProcess.start([config], run, ranks=2)
@@ -257,6 +263,7 @@ def test_fsdp_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, fsdp_re
     complete = complete_checkpoints(run / "stage2")
     assert complete and complete[-1] < RESUME_STEPS, f"checkpoints {complete}"
     resume_from = complete[-1]
+    assert len(list(checkpoint_dir(run / "stage2", resume_from).glob("rank-0000[01]-of-00002.*"))) == 4
 
     run_training([config], run, ranks=2, resume=True)
     ours, ref = read_metrics(metrics), read_metrics(reference / "metrics.jsonl")

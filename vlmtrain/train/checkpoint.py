@@ -20,8 +20,10 @@ writes COMPLETE, and fsyncs the checkpoints root after the rename and after rewr
 (vlmtrain.durable), so a crash can never leave COMPLETE next to tensors still in the page cache.
 
 Asynchronous saves (`train.checkpoint_async`, sharded only): each rank copies its part to host memory (1/world of
-the state), a background thread writes and fsyncs it, and training goes on. The next save, or the end of the
-stage, joins every rank's thread and agrees that all succeeded (one all-reduce) before rank 0 writes COMPLETE.
+the state), a background thread writes and fsyncs it, and training goes on. After each step the trainer polls
+(one all-reduce, only while a save is pending) whether every rank's thread has finished; then, or at the
+latest at the next save or the end of the stage, every rank agrees that all writes succeeded (one all-reduce)
+before rank 0 writes COMPLETE.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmtrain.dist import DistContext, any_rank, barrier
 from vlmtrain.durable import fsync_dir, fsync_file, replace_durably, write_text_durably
-from vlmtrain.train.engines.base import Engine
+from vlmtrain.train.engines.base import Engine, EngineState
 from vlmtrain.train.shards import (
     GATHERED_MOMENTS,
     GATHERED_WEIGHTS,
@@ -121,8 +123,40 @@ class CheckpointWriter:
     def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], wait: bool = True) -> Path:
         """Collective. Returns the final path; only complete checkpoints ever carry a step-* name. With
         `asynchronous` and `wait=False` the rank files are still being written on return, and the checkpoint
-        becomes complete at the next `save` or `finish`."""
+        becomes complete when `poll` finds every rank done, or at the next `save` or `finish`."""
         self.finish()
+        if self.fmt == "gathered":
+            return self.save_gathered(step, engine.gather_state(), trainer_state)
+        tmp, written = self._begin(step, engine.counts(), trainer_state, "sharded")
+        pieces = host_copy(engine.local_pieces())
+        if self.asynchronous and not wait:
+            pending = _Pending(step, tmp, threading.Thread(), written)
+            pending.thread = threading.Thread(
+                target=self._write_in_background, args=(pending, pieces), name=f"checkpoint-{step}"
+            )
+            pending.thread.start()
+            self._pending = pending
+            return self.root / checkpoint_name(step)
+        written += write_rank_files(tmp, self.ctx.rank, self.ctx.world_size, pieces)
+        return self._fsync_and_commit(step, tmp, written)
+
+    def save_gathered(self, step: int, state: EngineState, trainer_state: dict[str, Any]) -> Path:
+        """Collective: a gathered checkpoint of `state`, whose tensors rank 0 holds (`Engine.gather_state`)."""
+        self.finish()
+        counts = (state.optimizer_steps, state.scheduler_steps)
+        tmp, written = self._begin(step, counts, trainer_state, "gathered")
+        if self.ctx.is_main:
+            written += [tmp / GATHERED_WEIGHTS, tmp / GATHERED_MOMENTS]
+            save_file(state.params, str(written[-2]), metadata={"step": str(step)})
+            moments = {f"exp_avg.{k}": v for k, v in state.exp_avg.items()}
+            moments.update({f"exp_avg_sq.{k}": v for k, v in state.exp_avg_sq.items()})
+            save_file(moments, str(written[-1]))
+        return self._fsync_and_commit(step, tmp, written)
+
+    def _begin(
+        self, step: int, counts: tuple[int, int], trainer_state: dict[str, Any], fmt: Format
+    ) -> tuple[Path, list[Path]]:
+        """Collective: a fresh temp folder holding every rank's RNG file and rank 0's trainer_state.json."""
         ctx = self.ctx
         tmp = self.root / (checkpoint_name(step) + PARTIAL)
         if ctx.is_main:
@@ -130,7 +164,6 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        optimizer_steps, scheduler_steps = engine.counts()
         written = [tmp / f"rng-rank{ctx.rank:05d}.safetensors"]
         save_file(_rng_state(), str(written[0]))
         if ctx.is_main:
@@ -138,27 +171,26 @@ class CheckpointWriter:
             meta.update(
                 step=step,
                 world_size=ctx.world_size,
-                optimizer_steps=optimizer_steps,
-                scheduler_steps=scheduler_steps,
-                format=self.fmt,
+                optimizer_steps=counts[0],
+                scheduler_steps=counts[1],
+                format=fmt,
             )
             write_text_durably(tmp / "trainer_state.json", json.dumps(meta, indent=2))
-        if self.fmt == "gathered":
-            written += self._write_gathered(tmp, engine, step)
-        else:
-            pieces = host_copy(engine.local_pieces())
-            if self.asynchronous and not wait:
-                pending = _Pending(step, tmp, threading.Thread(), written)
-                pending.thread = threading.Thread(
-                    target=self._write_in_background, args=(pending, pieces), name=f"checkpoint-{step}"
-                )
-                pending.thread.start()
-                self._pending = pending
-                return self.root / checkpoint_name(step)
-            written += write_rank_files(tmp, ctx.rank, ctx.world_size, pieces)
+        return tmp, written
+
+    def _fsync_and_commit(self, step: int, tmp: Path, written: list[Path]) -> Path:
         for path in written:  # the writer fsyncs: on a shared filesystem only its node holds the dirty pages
             fsync_file(path)
         return self._commit(step, tmp)
+
+    def poll(self) -> Path | None:
+        """Collective (one all-reduce while an asynchronous save is pending, nothing otherwise): complete the
+        pending save once every rank's thread has finished; returns its path then."""
+        if self._pending is None:
+            return None
+        if any_rank(self._pending.thread.is_alive(), self.ctx.device):
+            return None
+        return self.finish()
 
     def finish(self) -> Path | None:
         """Collective: complete the pending asynchronous save, if any (a no-op otherwise)."""
@@ -180,17 +212,6 @@ class CheckpointWriter:
         except BaseException as exc:  # reported to every rank by `finish`
             pending.error = exc
 
-    def _write_gathered(self, tmp: Path, engine: Engine, step: int) -> list[Path]:
-        state = engine.gather_state()  # collective: the full state on rank 0
-        if not self.ctx.is_main:
-            return []
-        paths = [tmp / GATHERED_WEIGHTS, tmp / GATHERED_MOMENTS]
-        save_file(state.params, str(paths[0]), metadata={"step": str(step)})
-        moments = {f"exp_avg.{k}": v for k, v in state.exp_avg.items()}
-        moments.update({f"exp_avg_sq.{k}": v for k, v in state.exp_avg_sq.items()})
-        save_file(moments, str(paths[1]))
-        return paths
-
     def _commit(self, step: int, tmp: Path) -> Path:
         final = self.root / checkpoint_name(step)
         barrier()  # every rank has written and fsynced its files
@@ -204,6 +225,13 @@ class CheckpointWriter:
             prune_checkpoints(self.root, self.keep)
         barrier()
         return final
+
+
+def save_checkpoint(
+    root: Path, step: int, state: EngineState, trainer_state: dict[str, Any], ctx: DistContext, keep: int
+) -> Path:
+    """Collective: a gathered checkpoint of a state already gathered on rank 0 (tools and tests)."""
+    return CheckpointWriter(root, ctx, keep, fmt="gathered").save_gathered(step, state, trainer_state)
 
 
 def list_complete(root: Path) -> list[Path]:

@@ -538,6 +538,7 @@ class Trainer:
                             f"{stage.name}: {counters['bad_streak']} non-finite steps in a row at step {step} "
                             f"(limit train.max_bad_steps={stage.train.max_bad_steps}); lower the LR or check the data"
                         )
+                    writer.poll()  # completes an asynchronous save once every rank has written its part
                     if (
                         stage.train.save_every
                         and step % stage.train.save_every == 0
