@@ -252,3 +252,17 @@ def test_gathered_format_cannot_be_asynchronous(tmp_path):
 
     with pytest.raises(ValueError, match=r"checkpoint_async needs train\.checkpoint_format: sharded"):
         CheckpointWriter(tmp_path, CPU_CTX, keep=1, fmt="gathered", asynchronous=True)
+
+
+def test_config_refuses_async_gathered_checkpoints_and_unknown_formats():
+    from vlmtrain.config import ConfigError, stage_config_from_dict
+    from vlmtrain.config.load import shipped_stage_path
+
+    cfg = json.loads(shipped_stage_path(2).read_text())
+    assert stage_config_from_dict(cfg).train.checkpoint_format == "sharded"
+    cfg["train"].update(checkpoint_format="gathered", checkpoint_async=True)
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_async: needs checkpoint_format: \"sharded\""):
+        stage_config_from_dict(cfg, source="s.json")
+    cfg["train"].update(checkpoint_format="zarr", checkpoint_async=False)
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_format: 'zarr' is not one of"):
+        stage_config_from_dict(cfg, source="s.json")
