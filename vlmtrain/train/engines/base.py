@@ -1,5 +1,6 @@
-"""The engine interface the trainer loop drives: forward, backward, step, LRs, full-state gather/load, and the
-evaluation entries (held-out forward, lockstep generation) that validation runs through."""
+"""The engine interface the trainer loop drives: forward, backward, step, LRs, full-state gather/load, each rank's
+own part of the state for sharded checkpoints (`local_pieces` / `load_pieces`), and the evaluation entries
+(held-out forward, lockstep generation) that validation runs through."""
 
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ class Engine(ABC):
 
     @abstractmethod
     def local_pieces(self) -> dict[str, Piece]:
-        """Local: this rank's part of every trainable parameter's fp32 state, as live 1-D views (no copy, no
-        collective), AdamW moments included once an optimizer step created them. Parameters this rank holds
+        """Local: this rank's part of every trainable parameter's fp32 state, as 1-D tensors (live views where
+        the engine's layout allows; no collective), AdamW moments included once an optimizer step created them. Parameters this rank holds
         nothing of to save (no fragment, or a replica another rank writes) are left out."""
 
     @abstractmethod
