@@ -80,7 +80,11 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def host_copy(pieces: dict[str, Piece]) -> dict[str, Piece]:
-    """The pieces copied to host memory (pinned for device tensors), so training may change the originals."""
+    """The pieces copied to host memory (pinned for device tensors), so training may change the originals.
+
+    Synchronous saves copy too: the pieces are views into the engine's flat buffers (DeepSpeed's partition),
+    which safetensors refuses to write as tensors sharing memory. The copy is 1/world of the state.
+    """
     out = {}
     for name, piece in pieces.items():
         copies = {}
