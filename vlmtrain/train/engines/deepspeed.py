@@ -215,9 +215,8 @@ class DeepSpeedEngine(Engine):
                         {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, numel) for k in ADAM_STATES}
                     )
             else:
-                mapping = (
-                    p._hp_mapping
-                )  # ZeRO-1/2: this rank's fragment of the fp32 partition and its moments
+                # ZeRO-1/2: this rank's fragment of the fp32 partition, and of each moment.
+                mapping = p._hp_mapping
                 tensors = {"param": mapping.hp_fragment}
                 if moments:
                     tensors.update({k: mapping.get_optim_state_fragment(k) for k in ADAM_STATES})
