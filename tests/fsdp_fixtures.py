@@ -195,7 +195,8 @@ def dump_loaded_state(stage: StageConfig, run_dir: Path, ctx: DistContext, out: 
     model.to(ctx.device)
     specs = build_param_groups(model, model.module_groups(), stage)
     engine = make_engine(stage.train.engine, model=model, stage=stage, specs=specs, total_steps=1, ctx=ctx)
-    engine.load_state(ckpt.load_checkpoint(latest, ctx).engine)
+    loaded = ckpt.load_checkpoint(latest, ctx)
+    engine.load_pieces(loaded.state, loaded.optimizer_steps, loaded.scheduler_steps)
     state = engine.gather_state()
     if ctx.is_main:
         save_engine_state(state, out)

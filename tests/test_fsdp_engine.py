@@ -233,6 +233,40 @@ def test_state_round_trip_then_identical_next_step(tokenizer, tiny_model_config)
         assert not torch.equal(next_a.params[name], saved.params[name]) or "norm" in name or "bias" in name
 
 
+@pytest.mark.parametrize("fmt", ["sharded", "gathered"])
+def test_checkpoint_round_trip_equals_gathered_state(tmp_path, tokenizer, tiny_model_config, fmt):
+    """Save (sharded: the rank file of a world of one; gathered: the format of older checkpoints) and
+    `load_pieces` into an engine with other weights: the files hold FSDP's own full state dict, and the
+    reloaded engine gathers it bitwise."""
+    from vlmtrain.train import checkpoint as ckpt
+    from vlmtrain.train.shards import KINDS
+
+    stage = stage_config(0, tiny_model_config)
+    engine = make_engine(stage, build(stage, tokenizer, tiny_model_config))
+    run_engine(engine, batches(engine.module, 2), stage.mask.mode)
+    saved = engine.gather_state()  # the reference: torch.distributed.checkpoint's full state dict
+    path = ckpt.CheckpointWriter(tmp_path, CPU, keep=1, fmt=fmt).save(1, engine, {"step": 1})
+    loaded = ckpt.load_checkpoint(path, CPU)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if fmt == "sharded":
+        assert files == ["rank-00000-of-00001.safetensors", "rng-rank00000.safetensors"]
+    else:
+        assert files == ["model.safetensors", "optimizer.safetensors", "rng-rank00000.safetensors"]
+    expected = dict(zip(KINDS, (saved.params, saved.exp_avg, saved.exp_avg_sq), strict=True))
+    for kind, tensors in expected.items():
+        for name, value in tensors.items():
+            assert torch.equal(loaded.state.full(kind, name), value), (kind, name)
+
+    other = make_engine(stage, build(stage, tokenizer, tiny_model_config, seed=7))
+    other.load_pieces(loaded.state, loaded.optimizer_steps, loaded.scheduler_steps)
+    reloaded = other.gather_state()
+    for field in ("params", "exp_avg", "exp_avg_sq"):
+        for name, value in getattr(saved, field).items():
+            assert torch.equal(getattr(reloaded, field)[name], value), (field, name)
+    assert (reloaded.optimizer_steps, reloaded.scheduler_steps) == (1, 1)
+    assert other.group_lrs() == engine.group_lrs()
+
+
 def test_load_rejects_state_without_moments(tokenizer, tiny_model_config):
     stage = stage_config(0, tiny_model_config)
     engine = make_engine(stage, build(stage, tokenizer, tiny_model_config))

@@ -23,6 +23,7 @@ from vlmtrain.models.vlm import CONFIG_NAME, WEIGHTS_NAME
 from vlmtrain.precision import PrecisionPolicy
 from vlmtrain.train import checkpoint as ckpt
 from vlmtrain.train.engines.base import EngineState
+from vlmtrain.train.shards import Piece
 from vlmtrain.train.trainer import DONE_MARKER, FINAL, PRECISION_NAME, Trainer
 
 WORLD_OF_ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -121,6 +122,47 @@ def test_checkpoint_files_and_folder_are_fsynced_before_complete(tmp_path, monke
     rec.assert_fsynced_before(root, len(rec.events), after=latest)
 
 
+class ShardedState:
+    """What a sharded save reads of an engine: its step counts and its local pieces."""
+
+    def __init__(self, state: EngineState) -> None:
+        self.state = state
+
+    def counts(self) -> tuple[int, int]:
+        return self.state.optimizer_steps, self.state.scheduler_steps
+
+    def local_pieces(self) -> dict[str, Piece]:
+        s = self.state
+        return {
+            n: Piece(tuple(v.shape), 0, v.numel(), {"param": v.view(-1), "exp_avg": s.exp_avg[n].view(-1),
+                                                   "exp_avg_sq": s.exp_avg_sq[n].view(-1)})
+            for n, v in s.params.items()
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_sharded_checkpoint_rank_files_and_folder_are_fsynced_before_complete(
+    tmp_path, monkeypatch, asynchronous
+):
+    root = tmp_path / "checkpoints"
+    g = torch.Generator().manual_seed(1)
+    name = "projector.linear_1.weight"
+    state = EngineState(
+        params={name: torch.randn(4, 3, generator=g)}, exp_avg={name: torch.randn(4, 3, generator=g)},
+        exp_avg_sq={name: torch.rand(4, 3, generator=g)}, optimizer_steps=1, scheduler_steps=1,
+    )  # fmt: skip
+    rec = Recorder(monkeypatch)
+    writer = ckpt.CheckpointWriter(root, WORLD_OF_ONE, keep=2, fmt="sharded", asynchronous=asynchronous)
+    final = writer.save(1, ShardedState(state), {"reader": {}}, wait=not asynchronous)
+    writer.finish()
+    names = sorted(p.name for p in final.iterdir())
+    assert names == sorted([ckpt.COMPLETE, "rank-00000-of-00001.json", "rank-00000-of-00001.safetensors",
+                            "rng-rank00000.safetensors", "trainer_state.json"])  # fmt: skip
+    assert_folder_durable_before_marker(rec, final, ckpt.COMPLETE)
+    renamed = rec.index("replace", final)
+    rec.assert_fsynced_before(root, len(rec.events), after=renamed)
+
+
 class GatheredState:
     """What `_write_output` reads of an engine: the trainable parameters as full fp32 tensors, and its policy."""
 
@@ -129,7 +171,7 @@ class GatheredState:
     def __init__(self, model: torch.nn.Module) -> None:
         self.params = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def gather_state(self) -> EngineState:
+    def gather_state(self, moments: bool = True) -> EngineState:
         return EngineState(params=self.params)
 
 

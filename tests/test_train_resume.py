@@ -25,6 +25,7 @@ from train_fixtures import (
     TrainProcess,
     assert_same_tensors,
     checkpoint_dir,
+    checkpoint_tensors,
     complete_checkpoints,
     last_step,
     load_weights,
@@ -168,7 +169,9 @@ def test_half_written_newer_checkpoint_is_ignored_on_resume(tmp_path, preempted_
     (torn / "COMPLETE").unlink()
     state = json.loads((torn / "trainer_state.json").read_text())
     (torn / "trainer_state.json").write_text(json.dumps({**state, "step": reached + 3}))
-    (torn / "model.safetensors").write_bytes(b"truncated")
+    for part in torn.glob("rank-*.safetensors"):  # the sharded default: every rank file torn
+        part.write_bytes(b"truncated")
+    assert list(torn.glob("rank-*.safetensors")), "expected the sharded checkpoint format"
     partial = checkpoint_dir(copy / "stage2", reached + 5).with_name(f"step-{reached + 5:08d}.partial")
     shutil.copytree(good, partial)  # a temp folder that was never renamed, even with its marker inside
     (copy / "stage2" / "checkpoints" / "latest").write_text(torn.name + "\n")
@@ -260,18 +263,16 @@ def test_nonfinite_step_leaves_weights_and_optimizer_unchanged(fault_runs):
     before, after, next_good = (
         checkpoint_dir(stage_dir, s) for s in (ISOLATED_BAD, ISOLATED_BAD + 1, ISOLATED_BAD + 2)
     )
-    for name in ("model.safetensors", "optimizer.safetensors"):
+    for kind in ("param", "exp_avg", "exp_avg_sq"):
         assert_same_tensors(
-            load_weights(before / name), load_weights(after / name), f"{name} across the NaN step"
+            checkpoint_tensors(before, kind), checkpoint_tensors(after, kind), f"{kind} across the NaN step"
         )
     state = [json.loads((p / "trainer_state.json").read_text()) for p in (before, after, next_good)]
     assert state[0]["optimizer_steps"] == state[1]["optimizer_steps"] == state[2]["optimizer_steps"] - 1
     assert state[0]["scheduler_steps"] == state[1]["scheduler_steps"]
     # The comparison can fail: the next (good) step does change the weights.
     with pytest.raises(AssertionError, match="differs"):
-        assert_same_tensors(
-            load_weights(after / "model.safetensors"), load_weights(next_good / "model.safetensors"), ""
-        )
+        assert_same_tensors(checkpoint_tensors(after), checkpoint_tensors(next_good), "")
 
 
 def test_nonfinite_steps_are_counted_and_do_not_advance_the_schedule(fault_runs):

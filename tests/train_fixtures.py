@@ -451,6 +451,14 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def checkpoint_tensors(path: Path, kind: str = "param") -> dict[str, torch.Tensor]:
+    """A checkpoint's full fp32 tensors of one kind (param, exp_avg, exp_avg_sq), sharded or gathered."""
+    from vlmtrain.train.checkpoint import open_state
+
+    state = open_state(path)
+    return {name: state.full(kind, name) for name in state.names()}
+
+
 def checkpoint_dir(stage_dir: Path, step: int) -> Path:
     return stage_dir / "checkpoints" / f"step-{step:08d}"
 

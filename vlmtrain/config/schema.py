@@ -355,6 +355,10 @@ class TrainConfig:
     """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many periodic checkpoints to keep."""
+    checkpoint_format: Literal["sharded", "gathered"] = "sharded"
+    """`sharded`: every rank writes its own part of the fp32 weights and AdamW moments in parallel (`rank-XXXXX-of-YYYYY.safetensors` and its JSON index); `gathered`: rank 0 gathers the full state and writes `model.safetensors` / `optimizer.safetensors` alone. Either format resumes on any world size and either engine."""
+    checkpoint_async: bool = False
+    """Sharded checkpoints only: copy each rank's part to host memory, write it in a background thread while training goes on, and mark the checkpoint COMPLETE at the next save or the end of the stage. False: every save finishes before training continues."""
     log_every: int = 1
     """Print and record metrics every N optimizer steps."""
     max_bad_steps: int = 5
@@ -378,6 +382,11 @@ class TrainConfig:
             _require(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
         _require(self.save_every >= 0, f"{path}.save_every", "must be >= 0")
         _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", "must be >= 1")
+        _require(
+            not self.checkpoint_async or self.checkpoint_format == "sharded",
+            f"{path}.checkpoint_async",
+            'needs checkpoint_format: "sharded" (a gathered checkpoint is written by rank 0 alone, synchronously)',
+        )
         _require(self.log_every >= 1, f"{path}.log_every", "must be >= 1")
         _require(self.max_bad_steps >= 1, f"{path}.max_bad_steps", "must be >= 1")
         if self.peak_tflops is not None:

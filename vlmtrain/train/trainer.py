@@ -352,16 +352,25 @@ class Trainer:
                 "restore the original base, or start the stage afresh in another --run-dir"
             )
 
-    def _save(self, engine: Engine, loader: Any, step: int, counters: dict[str, int]) -> Path:
-        state = engine.gather_state()
+    def _save(
+        self,
+        writer: ckpt.CheckpointWriter,
+        engine: Engine,
+        loader: Any,
+        step: int,
+        counters: dict[str, int],
+        wait: bool = True,
+    ) -> Path:
         trainer_state = self._trainer_state(loader, step, counters)
-        return ckpt.save_checkpoint(
-            self.ckpt_root, step, state, trainer_state, self.ctx, keep=self.stage.train.keep_checkpoints
-        )
+        return writer.save(step, engine, trainer_state, wait=wait)
 
     def _write_output(self, engine: Engine, frozen: dict[str, torch.Tensor]) -> Path:
-        """The stage's output: the full model (safetensors), tokenizer, model config and resolved stage config."""
-        state = engine.gather_state()
+        """The stage's output: the full model (safetensors), tokenizer, model config and resolved stage config.
+
+        It stays gathered: one `model.safetensors` that transformers-style loaders and export read whole. Only
+        the fp32 weights are gathered (no AdamW moments, a third of a checkpoint's bytes), once per stage.
+        """
+        state = engine.gather_state(moments=False)
         out = self.stage_dir / FINAL
         if self.ctx.is_main:
             tmp = self.stage_dir / (FINAL + ".partial")
@@ -455,7 +464,7 @@ class Trainer:
         if latest is not None:
             loaded = ckpt.load_checkpoint(latest, self.ctx)
             self._check_resume_base(loaded.trainer, latest)
-            engine.load_state(loaded.engine)
+            engine.load_pieces(loaded.state, loaded.optimizer_steps, loaded.scheduler_steps)
             ckpt.restore_rng(loaded.rng)
             start = int(loaded.trainer["step"])
             counters.update(loaded.trainer.get("counters", {}))
@@ -471,6 +480,10 @@ class Trainer:
         metrics.truncate_after(start)
         loader = self.make_loader(reader_state)
         batches = iter(loader)
+        train = stage.train
+        writer = ckpt.CheckpointWriter(
+            self.ckpt_root, self.ctx, train.keep_checkpoints, train.checkpoint_format, train.checkpoint_async
+        )
         preempt = PREEMPTION
         owns_handler = not preempt.installed  # run_stages installs it for the whole run
         if owns_handler:
@@ -482,7 +495,7 @@ class Trainer:
                 t_last = time.perf_counter()
                 while step < self.total_steps:
                     if any_rank(preempt.requested, self.ctx.device):
-                        path = self._save(engine, loader, step, counters)
+                        path = self._save(writer, engine, loader, step, counters)
                         self.console.print(
                             f"[yellow]preempted[/]: checkpoint {path}; exit {PREEMPTED_EXIT_CODE}"
                         )
@@ -539,13 +552,14 @@ class Trainer:
                             f"{stage.name}: {counters['bad_streak']} non-finite steps in a row at step {step} "
                             f"(limit train.max_bad_steps={stage.train.max_bad_steps}); lower the LR or check the data"
                         )
+                    writer.poll()  # completes an asynchronous save once every rank has written its part
                     if (
                         stage.train.save_every
                         and step % stage.train.save_every == 0
                         and step < self.total_steps
                     ):
-                        self._save(engine, loader, step, counters)
-            self._save(engine, loader, step, counters)
+                        self._save(writer, engine, loader, step, counters, wait=False)
+            self._save(writer, engine, loader, step, counters)
             out = self._write_output(engine, frozen)
         finally:
             # Closing the generator now shuts its DataLoader workers down here, not whenever the garbage

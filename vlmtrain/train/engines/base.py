@@ -1,5 +1,6 @@
-"""The engine interface the trainer loop drives: forward, backward, step, LRs, full-state gather/load, and the
-evaluation entries (held-out forward, lockstep generation) that validation runs through."""
+"""The engine interface the trainer loop drives: forward, backward, step, LRs, full-state gather/load, each rank's
+own part of the state for sharded checkpoints (`local_pieces` / `load_pieces`), and the evaluation entries
+(held-out forward, lockstep generation) that validation runs through."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from vlmtrain.data.process import IGNORE_INDEX
 from vlmtrain.dist import DistContext
 from vlmtrain.models.vlm import VisionLanguageModel, VLMOutput
 from vlmtrain.precision import PrecisionPolicy
+from vlmtrain.train.shards import Piece, StateReader
 
 if TYPE_CHECKING:
     from vlmtrain.eval.generate import GenerationConfig, Generator
@@ -101,12 +103,28 @@ class Engine(ABC):
         """The LR each optimizer group gets right now, read back from the optimizer itself."""
 
     @abstractmethod
-    def gather_state(self) -> EngineState:
-        """Collective: assemble the full state (tensors on rank 0 only)."""
+    def gather_state(self, moments: bool = True) -> EngineState:
+        """Collective: assemble the full state (tensors on rank 0 only); `moments=False`: the fp32 weights alone."""
 
     @abstractmethod
     def load_state(self, state: EngineState) -> None:
         """Collective: restore a state gathered by any engine at any world size."""
+
+    def counts(self) -> tuple[int, int]:
+        """(AdamW's step count, the LR scheduler's): the same on every rank."""
+        return self._adam_step_count(), int(self.scheduler.last_epoch)
+
+    @abstractmethod
+    def local_pieces(self) -> dict[str, Piece]:
+        """Local: this rank's part of every trainable parameter's fp32 state, as 1-D tensors (live views where
+        the engine's layout allows; no collective), AdamW moments included once an optimizer step created them. Parameters this rank holds
+        nothing of to save (no fragment, or a replica another rank writes) are left out."""
+
+    @abstractmethod
+    def load_pieces(self, reader: StateReader, optimizer_steps: int, scheduler_steps: int) -> None:
+        """Collective: restore the state from a checkpoint of any engine, world size and format, each rank
+        reading only the ranges it holds (a bad checkpoint fails on every rank alike: each reads the same
+        index, `StateReader.check_covers`)."""
 
     # ---- evaluation ---------------------------------------------------------------------------------
     # Validation runs the model through these entries, never through the module directly: under FSDP a

@@ -10,12 +10,17 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed import comm as ds_comm
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_grad,
     safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 
 from vlmtrain.config.load import ConfigError
@@ -33,6 +38,7 @@ from vlmtrain.train.engines.base import (
     with_blank_image,
 )
 from vlmtrain.train.optim import GroupSpec, make_optimizer, make_scheduler
+from vlmtrain.train.shards import KINDS, Piece, StateReader
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -177,7 +183,7 @@ class DeepSpeedEngine(Engine):
         return {g["name"]: float(g["lr"]) for g in self.ds_optimizer.param_groups}
 
     # ---- state --------------------------------------------------------------------------------------
-    def gather_state(self) -> EngineState:
+    def gather_state(self, moments: bool = True) -> EngineState:
         state = EngineState(
             optimizer_steps=self._adam_step_count(), scheduler_steps=int(self.scheduler.last_epoch)
         )
@@ -186,13 +192,80 @@ class DeepSpeedEngine(Engine):
             full = safe_get_full_fp32_param(p)  # collective: every rank takes part, rank 0 keeps it
             if keep:
                 state.params[name] = full.detach().float().cpu().clone()
-            if state.optimizer_steps == 0:
+            if state.optimizer_steps == 0 or not moments:
                 continue
             for key, target in zip(ADAM_STATES, (state.exp_avg, state.exp_avg_sq), strict=True):
                 value = safe_get_full_optimizer_state(p, key)
                 if keep:
                     target[name] = value.detach().float().cpu().clone()
         return state
+
+    def local_pieces(self) -> dict[str, Piece]:
+        moments = self._adam_step_count() > 0
+        out = {}
+        for name, p in self.trainable_named_parameters():
+            start, numel = self._local_range(p)
+            if numel == 0:
+                continue
+            if self.zero3:
+                # ZeRO-3's partition of the parameter's flat tensor, padded to the partition size.
+                tensors = {"param": safe_get_local_fp32_param(p).narrow(0, 0, numel)}
+                if moments:
+                    tensors.update(
+                        {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, numel) for k in ADAM_STATES}
+                    )
+            else:
+                # ZeRO-1/2: this rank's fragment of the fp32 partition, and of each moment.
+                mapping = p._hp_mapping
+                tensors = {"param": mapping.hp_fragment}
+                if moments:
+                    tensors.update({k: mapping.get_optim_state_fragment(k) for k in ADAM_STATES})
+            out[name] = Piece(tuple(full_shape_like(p).shape), start, numel, tensors)
+        return out
+
+    def _local_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """(start, numel) of this rank's part in the flattened full parameter; numel 0: it holds none."""
+        if self.zero3:
+            # Rank r of the data-parallel group holds elements [r * partition, (r + 1) * partition) of the
+            # flattened parameter, the last partition padded past its end.
+            part = p.ds_tensor.ds_numel
+            start = ds_comm.get_rank(group=p.ds_process_group) * part
+            return start, max(0, min(part, p.ds_numel - start))
+        mapping = p._hp_mapping
+        if mapping is None:
+            return 0, 0
+        return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+    def load_pieces(self, reader: StateReader, optimizer_steps: int, scheduler_steps: int) -> None:
+        named = self.trainable_named_parameters()
+        reader.check_covers({n: tuple(full_shape_like(p).shape) for n, p in named}, optimizer_steps > 0)
+        kinds = KINDS if optimizer_steps > 0 else KINDS[:1]
+        for name, p in named:
+            start, numel = self._local_range(p)
+            for kind in kinds:
+                value = reader.read(kind, name, start, numel).to(self.ctx.device)
+                if self.zero3:
+                    padded = torch.zeros(p.ds_tensor.ds_numel, dtype=torch.float32, device=self.ctx.device)
+                    padded[:numel] = value
+                    if kind == "param":
+                        safe_set_local_fp32_param(p, padded)
+                    else:
+                        safe_set_local_optimizer_state(p, padded, kind)
+                elif numel:
+                    p._hp_mapping.get_hp_fragment(None if kind == "param" else kind).data.copy_(value)
+        if self.zero3:
+            refresh_zero3_compute_params(self.ds_optimizer)
+        else:
+            # Collective: each rank casts its fp32 partition into its bf16 one and all-gathers them, so every
+            # rank's compute copy is whole again (what ZeRO-2's own step does after the update).
+            self.ds_optimizer.update_lp_params()
+        self._set_step_counts(optimizer_steps, scheduler_steps)
+
+    def _set_step_counts(self, optimizer_steps: int, scheduler_steps: int) -> None:
+        for st in self.optimizer.state.values():
+            if "step" in st:
+                st["step"].fill_(float(optimizer_steps))
+        self._restore_schedule(scheduler_steps)
 
     def _prime_optimizer_state(self) -> None:
         """Create AdamW's (normally lazy) state exactly as its first step would, and link it to the params."""
@@ -231,10 +304,7 @@ class DeepSpeedEngine(Engine):
                     safe_set_full_optimizer_state(p, broadcast_full(saved.get(name), like, dev), key)
         if self.zero3:
             refresh_zero3_compute_params(self.ds_optimizer)
-        for st in self.optimizer.state.values():
-            if "step" in st:
-                st["step"].fill_(float(state.optimizer_steps))
-        self._restore_schedule(state.scheduler_steps)
+        self._set_step_counts(state.optimizer_steps, state.scheduler_steps)
 
 
 def full_shape_like(p: torch.nn.Parameter) -> torch.Tensor:

@@ -21,6 +21,8 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
   nodes. Memory: the sharded state is 8N / 8 = N times that of flat FSDP (1/8 of it per GPU instead of 1/8N).
 - `gather_state` / `load_state` go through torch.distributed.checkpoint's full state dicts and produce the
   world-size-independent EngineState that DeepSpeedEngine writes; checkpoints move between engines.
+  Sharded checkpoints (`local_pieces` / `load_pieces`) address each DTensor's local shard as a range of its
+  flattened full tensor (`dtensor_flat_range`), the layout DeepSpeed's fragments use too.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from vlmtrain.train.engines.base import (
     with_blank_image,
 )
 from vlmtrain.train.optim import GroupSpec, make_optimizer, make_scheduler
+from vlmtrain.train.shards import MOMENTS, Piece, StateReader
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,7 @@ class FSDPEngine(Engine):
         return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
 
     # ---- state --------------------------------------------------------------------------------------
-    def gather_state(self) -> EngineState:
+    def gather_state(self, moments: bool = True) -> EngineState:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only
         state = EngineState(
             optimizer_steps=self._adam_step_count(), scheduler_steps=int(self.scheduler.last_epoch)
@@ -304,15 +307,12 @@ class FSDPEngine(Engine):
         model_sd = get_model_state_dict(self.module, options=opts)
         # Before the first applied step AdamW has no state, and asking for it would create some (the
         # state-dict API runs a zero step), changing the bias correction of the next real step.
-        optim_sd = (
-            get_optimizer_state_dict(self.module, self.optimizer, options=opts)
-            if state.optimizer_steps > 0
-            else {}
-        )
+        moments = moments and state.optimizer_steps > 0
+        optim_sd = get_optimizer_state_dict(self.module, self.optimizer, options=opts) if moments else {}
         if not self.ctx.is_main:
             return state
         state.params = {n: _fp32(model_sd[n]) for n in names}
-        if state.optimizer_steps > 0:
+        if moments:
             moments = optim_sd["state"]
             state.exp_avg = {n: _fp32(moments[n]["exp_avg"]) for n in names}
             state.exp_avg_sq = {n: _fp32(moments[n]["exp_avg_sq"]) for n in names}
@@ -332,6 +332,41 @@ class FSDPEngine(Engine):
         else:
             self.optimizer.state.clear()  # AdamW starts fresh, as in a new run
         self._restore_schedule(state.scheduler_steps)
+
+    def local_pieces(self) -> dict[str, Piece]:
+        moments = self._adam_step_count() > 0
+        out = {}
+        for name, p in self.trainable_named_parameters():
+            start, numel, primary = dtensor_flat_range(p)
+            if numel == 0 or not primary:
+                continue  # nothing here, or an HSDP replica of a shard that replica 0 writes
+            tensors = {"param": p.to_local().reshape(-1)}
+            if moments:
+                st = self.optimizer.state[p]
+                tensors.update({k: st[k].to_local().reshape(-1) for k in MOMENTS})
+            out[name] = Piece(tuple(p.shape), start, numel, tensors)
+        return out
+
+    def load_pieces(self, reader: StateReader, optimizer_steps: int, scheduler_steps: int) -> None:
+        named = self.trainable_named_parameters()
+        reader.check_covers({n: tuple(p.shape) for n, p in named}, optimizer_steps > 0)
+        self.optimizer.state.clear()  # before the first step AdamW has no state, as in a new run
+        with torch.no_grad():
+            for name, p in named:
+                start, numel, _ = dtensor_flat_range(p)  # replicas load their shard too
+                targets = {"param": p}
+                if optimizer_steps > 0:
+                    # AdamW's own state layout: a float32 step count and moments shaped (and sharded) as
+                    # the parameter.
+                    st = self.optimizer.state[p]
+                    st["step"] = torch.tensor(float(optimizer_steps), dtype=torch.float32)
+                    for k in MOMENTS:
+                        st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        targets[k] = st[k]
+                for kind, target in targets.items():
+                    local = target.to_local()
+                    local.copy_(reader.read(kind, name, start, numel).view(local.shape))
+        self._restore_schedule(scheduler_steps)
 
     def _check_moments(self, state: EngineState, names: list[str]) -> None:
         """Collective: a checkpoint that took optimizer steps must carry both moments of every parameter."""
@@ -357,6 +392,35 @@ class FSDPEngine(Engine):
             for g, spec in zip(self.optimizer.param_groups, self.specs, strict=True)
         ]
         return {"state": per_param, "param_groups": groups}
+
+
+def dtensor_flat_range(t: DTensor) -> tuple[int, int, bool]:
+    """(start, numel) of this rank's local shard in the flattened full tensor, and whether this rank is the
+    first replica of it (the one that saves it).
+
+    FSDP2 places its parameters (and AdamW's moments, created like them) as Shard(0) over the shard mesh
+    dimension, and Replicate over HSDP's replicate one. Shard(0) splits dim 0 as `torch.chunk` does (chunks of
+    ceil(rows / n) rows, the last ones shorter or empty), so a shard is a range of whole rows: a contiguous
+    range of the flattened tensor.
+    """
+    coord = t.device_mesh.get_coordinate()
+    if coord is None:
+        raise RuntimeError("this rank is not in the parameter's device mesh")
+    first, rows, primary = 0, t.shape[0] if t.dim() else 1, True
+    for dim, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            primary = primary and coord[dim] == 0
+            continue
+        if not placement.is_shard(0):
+            raise NotImplementedError(f"sharded checkpoints: unsupported DTensor placement {placement}")
+        chunk = -(-rows // t.device_mesh.size(dim))
+        lo = min(coord[dim] * chunk, rows)
+        first, rows = first + lo, min(lo + chunk, rows) - lo
+    local = t.to_local()
+    if (local.shape[0] if local.dim() else 1) != rows:
+        raise RuntimeError(f"local shard of {tuple(t.shape)} has {tuple(local.shape)}, expected {rows} rows")
+    row = math.prod(t.shape[1:])
+    return first * row, rows * row, primary
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
