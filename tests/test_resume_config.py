@@ -43,6 +43,17 @@ def test_config_changes_names_every_differing_leaf() -> None:
 def test_completed_stage_changes(tmp_path: Path) -> None:
     completed(tmp_path, stage(4))
     assert completed_stage_changes(tmp_path / "stage2", stage(4)) == []
+
+
+def test_settings_added_after_a_stage_ran_are_not_changes(tmp_path: Path) -> None:
+    """A stage trained by an older vlmtrain has no `train.checkpoint_format` (nor `train.compile`) in its
+    stage_config.json: resuming must not call the new keys' defaults a change, while a real change still shows."""
+    final = completed(tmp_path, stage(4))
+    saved = json.loads((final / "stage_config.json").read_text())
+    del saved["train"]["checkpoint_format"], saved["train"]["compile"]
+    (final / "stage_config.json").write_text(json.dumps(saved))
+    assert completed_stage_changes(tmp_path / "stage2", stage(4)) == []
+    assert completed_stage_changes(tmp_path / "stage2", stage(8)) == ["train.max_steps: 4 -> 8"]
     assert completed_stage_changes(tmp_path / "stage2", stage(8, lr=1e-3)) == [
         "modules.language.lr: 2e-05 -> 0.001",
         "train.max_steps: 4 -> 8",

@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import braceexpand
 
@@ -456,7 +457,15 @@ def completed_stage_changes(stage_dir: Path, stage: StageConfig) -> list[str]:
     current = stage_config_to_dict(stage)
     if current["batch"]["micro_batch_size"] == "auto":  # the saved number is what `auto` chose then
         current["batch"]["micro_batch_size"] = saved.get("batch", {}).get("micro_batch_size")
-    return config_changes(saved, current)
+    return config_changes(saved, known_keys(current, saved))
+
+
+def known_keys(current: Any, saved: Any) -> Any:
+    """`current` without the keys `saved` lacks, at every depth: settings added to vlmtrain after a stage was
+    trained (e.g. train.checkpoint_format) are not changes to that stage, so its --resume still skips it."""
+    if not (isinstance(current, dict) and isinstance(saved, dict)):
+        return current
+    return {k: known_keys(v, saved[k]) for k, v in current.items() if k in saved}
 
 
 def check_completed_stages(stages: Sequence[StageConfig], run_dir: Path, resume: bool) -> list[Problem]:
