@@ -37,7 +37,7 @@ from vlmtrain.config import MODULE_GROUPS, ConfigError, load_stage_config
 from vlmtrain.dist import DistContext
 
 DEFAULT = "zero2_bf16"  # covered by test_train_e2e / test_train_resume
-OTHERS = ("zero2_offload_bf16", "zero3_bf16", "zero3_offload_bf16")
+OTHERS = ("zero1_bf16", "zero2_offload_bf16", "zero3_bf16", "zero3_offload_bf16")
 # The resumed run restarts from the last periodic checkpoint (step 8 of 12; the run keeps steps 8 and 12).
 RESUME_FROM = 8
 
@@ -213,8 +213,7 @@ def test_shipped_configs_resolve(name):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"stage": 1}, r"zero_optimization\.stage=1 is not supported .* zero2_bf16 \(default\)"),
-        ({"stage": 0}, r"zero_optimization\.stage=0 is not supported"),
+        ({"stage": 0}, r"zero_optimization\.stage=0 is not supported .* zero2_bf16 \(default\)"),
         (
             {"offload_optimizer": {"device": "nvme", "nvme_path": "/local"}},
             r"zero_optimization\.offload_optimizer\.device='nvme' is not supported .* zero2_offload_bf16",
@@ -255,10 +254,10 @@ def test_run_stages_refuses_an_unverified_config_before_any_stage_trains(tmp_pat
     from vlmtrain.train.run import run_stages
 
     ds = shipped_ds_config(DEFAULT)
-    ds["zero_optimization"]["stage"] = 1
+    ds["zero_optimization"]["stage"] = 0
     good = load_stage_config(stage=0)
     bad = stage_with(tmp_path, ds)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=1 is not supported"):
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=0 is not supported"):
         run_stages([good, bad], tmp_path / "run", ctx)
     assert not (tmp_path / "run").exists()
