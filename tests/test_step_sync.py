@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +21,13 @@ import torch.distributed as dist
 from train_fixtures import REPO, free_port, train_env
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import bench_comm  # noqa: E402
+import bench_comm
 
-from vlmtrain.dist import gather_objects, step_sync  # noqa: E402
-from vlmtrain.train.comm_meter import CommMeter, HostReadMeter  # noqa: E402
-from vlmtrain.train.plan import step_communication  # noqa: E402
+from vlmtrain.dist import gather_objects, step_sync
+from vlmtrain.train.comm_meter import CommMeter, HostReadMeter
+from vlmtrain.train.plan import step_communication
 
-STEPS, ACCUMULATION, LOG_EVERY = 5, 3, 2
+STEPS, ACCUMULATION, LOG_EVERY = 4, 3, 2
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +74,14 @@ def test_fsdp_fit_reads_the_host_once_per_step_in_a_world_of_one(tmp_path, world
     for i, step in enumerate(result["steps"]):
         assert step["host_reads"] == 1 + (gathered if log_step(i) else 0), (i, step)
         assert step["ops"]["all_reduce"][0] == 1  # the trainer's one collective (FSDP's own: world of one)
+    # the step breakdown: its phases are disjoint parts of the step's wall time, forward+backward the bulk
+    records = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        phases = [r[f"time/{p}_s"] for p in ("data", "fwd_bwd", "optim", "comm")]
+        assert all(t >= 0 for t in phases) and sum(phases) <= r["step_time_s"], r
+        assert r["time/fwd_bwd_s"] > 0.5 * r["step_time_s"] and r["time/optim_s"] > 0, r
+        assert r["mem/peak_gib"] is None  # CPU: no allocator peak to report
 
 
 @pytest.mark.slow
@@ -97,16 +104,20 @@ def test_two_ranks_one_read_per_step_and_bytes_as_planned(tmp_path):
         for i, step in enumerate(r["steps"]):
             ops = step["ops"]
             assert ("all_gather_object" in ops) == log_step(i), (name, i)  # per-rank logs only when logged
-            measured = sum(b for op, (_, b) in ops.items() if op != "all_gather_object")
-            planned = hand.reduce_bytes + hand.gather_bytes + hand.step_sync_bytes
-            # what the hand count leaves out: DeepSpeed's flag all-reduces, FSDP2's shard padding and its
-            # per-parameter norm partials: a few KB of MBs
-            assert measured == pytest.approx(planned, rel=2e-4), (name, i, ops)
-            assert measured >= planned
+            sync = hand.step_sync_bytes
+            if name == "fsdp":
+                # the step sync is the one all-reduce; the gradient is reduce-scattered once, exactly
+                assert ops["all_reduce"] == [1, sync] and ops["reduce_scatter_single"][1] == hand.reduce_bytes
+                # FSDP2 pads each parameter's shard to whole rows per rank: at most a row per parameter
+                gathered = ops["all_gather_single"][1]
+                assert 0 <= gathered - hand.gather_bytes <= 0.001 * hand.gather_bytes, (gathered, hand)
+                assert ops["functional.all_reduce"][1] <= 4 * 128  # the norm's per-parameter partials
+            else:
+                assert ops["all_gather_into_tensor"][1] == hand.gather_bytes, (name, ops)
+                # DeepSpeed's overflow flag and norm all-reduce ride beside the gradient: a few bytes
+                reduced = ops["all_reduce"][1] - sync
+                assert 0 <= reduced - hand.reduce_bytes <= 64, (name, ops, hand)
+    # FSDP adds no read to the trainer's one; DeepSpeed's step makes its own (overflow and NaN checks)
     fsdp = results["fsdp"]["steps"]
     assert all(s["host_reads"] == 1 for i, s in enumerate(fsdp) if not log_step(i)), fsdp
-    # ZeRO-2 reduces the gradient on every micro-batch, ZeRO-1 and FSDP once per step
-    grads = {n: results[n]["steps"][0]["ops"] for n in results}
-    assert grads["fsdp"]["reduce_scatter_single"][1] == 4 * results["fsdp"]["trainable_parameters"]
-    zero1 = grads["zero1"]["all_reduce"][1]
-    assert grads["zero2"]["all_reduce"][1] == pytest.approx(ACCUMULATION * zero1, rel=1e-4)
+    assert all(s["host_reads"] > 1 for s in results["zero2"]["steps"])

@@ -123,9 +123,8 @@ class OpenStep:
     model_flops: float
     hardware_flops: float
     preempt: bool  # some rank was asked to stop: finish this step, checkpoint, exit
-    previous: list[
-        float
-    ]  # the carried values (the previous step's loss sum and grad norm), summed over ranks
+    # the carried values (the previous step's loss sum and grad norm), summed over ranks
+    previous: list[float]
     timer: StepTimer
 
 
@@ -336,6 +335,9 @@ class Trainer:
             "micro-batch count and the engine's accumulation disagree"
         )
         norm = result.norm.to(torch.float32)
+        # The step's record waits one step for its read; its CPU batches (77 MB of pixels at 16 x 8 x 224 px)
+        # need not wait with it.
+        opened.raws, opened.indices = [], []
         return torch.stack([loss_sum, norm if self.ctx.is_main else torch.zeros_like(norm)])
 
     def step_info(self, opened: OpenStep, values: list[float]) -> dict[str, Any]:

@@ -11,7 +11,13 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
   FSDP averages over ranks, so both engines apply the token-mean gradient of the whole global batch.
   Gradients are reduced only on the last micro-batch of a window (`set_requires_gradient_sync`).
 - The global gradient norm is reduced over ranks, so a non-finite gradient on any rank is seen by all:
-  the step is skipped (optimizer and LR schedule), gradients are zeroed, `skipped=True`.
+  the step is skipped without a host read (the update is undone on the device, `_apply_if_finite`), the
+  gradients are zeroed, and `settle` winds AdamW's step counts and the LR schedule back once the trainer has
+  read the norm with the next step's counts (one blocking read per step in all: vlmtrain.dist.step_sync).
+- Memory: `set_requires_gradient_sync(False)` keeps every unit's gradient unsharded, in fp32 (the reduce
+  dtype), until the window's last micro-batch: 4 bytes x trainable parameters per GPU (0.9B: 3.6 GB, against
+  3.6 GB / ranks sharded) for the whole accumulation window, in exchange for one reduce-scatter per step
+  instead of one per micro-batch.
 - `train.fsdp.replicate_over_nodes` shards within each node and replicates across nodes (HSDP, a 2D mesh):
   the per-block all-gathers and reduce-scatters stay inside a node, and one all-reduce of each node's gradient
   shards per step crosses the network. Per step and GPU at 0.9B trainable parameters on N nodes of 8: flat
