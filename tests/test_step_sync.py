@@ -121,3 +121,33 @@ def test_two_ranks_one_read_per_step_and_bytes_as_planned(tmp_path):
     fsdp = results["fsdp"]["steps"]
     assert all(s["host_reads"] == 1 for i, s in enumerate(fsdp) if not log_step(i)), fsdp
     assert all(s["host_reads"] > 1 for s in results["zero2"]["steps"])
+
+
+@pytest.mark.parametrize(("overrides", "own"), [([], "zero2"), (["train.ds_config=zero1_bf16"], "zero1"),
+                                                (["train.engine=fsdp"], "fsdp")])  # fmt: skip
+def test_plan_counts_every_engine_config_at_real_size(tmp_path, monkeypatch, overrides, own):
+    """Stage 2 at real size on one node of 8, micro-batch 1 (16 accumulation steps): the hand count per config,
+    with the blocks' parameters found by name (the towers' numbered `layers`), not by the engine's block list."""
+    import re
+
+    from vlmtrain.config.load import load_stage_config
+    from vlmtrain.train.plan import plan_stages, stage_shapes
+
+    monkeypatch.chdir(tmp_path)
+    stage = load_stage_config(stage=2, overrides=["batch.micro_batch_size=1", *overrides])
+    (plan,), _, _ = plan_stages([stage], 8, "H100", 0.4)
+    vlm = stage_shapes(stage, stage.model).vlm
+    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+    in_blocks = sum(
+        p.numel() for n, p in vlm.named_parameters() if p.requires_grad and re.search(r"\.layers?\.\d+\.", n)
+    )
+    accum = plan.accumulation
+    assert accum == 16 and plan.trainable == trainable and 0 < in_blocks < trainable
+    by = plan.communication_by_config
+    assert by["zero2"].reduce_bytes == 4 * trainable * accum and by["zero2"].gather_bytes == 2 * trainable
+    assert by["zero1"].reduce_bytes == 4 * trainable and by["zero1"].gather_bytes == 2 * trainable
+    assert by["fsdp"].reduce_bytes == 4 * trainable
+    assert by["fsdp"].gather_bytes == 2 * (trainable + in_blocks) * accum  # root once, blocks twice
+    for c in by.values():
+        assert c.wire_bytes == (c.reduce_bytes + c.gather_bytes) * 7 // 8 and c.link == "NVLink 4"
+    assert plan.communication is by[own]
