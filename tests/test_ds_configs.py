@@ -141,7 +141,11 @@ OFFLOAD = Agreement(loss_rtol=1e-6, grad_norm_rtol=1e-6, weight_atol=1e-6, weigh
 # where the layouts round less, so the bounds hold with room while a summed-not-averaged gradient still
 # fails them by 2x.)
 ZERO3 = Agreement(loss_rtol=1e-3, grad_norm_rtol=1e-2, weight_atol=None, weight_move_ratio=0.1)
+# ZeRO-1 against ZeRO-2: the same fp32 gradient sum, taken in another order (ZeRO-2 reduces each micro-batch's
+# gradient and adds the reduced ones; ZeRO-1 adds them on each rank and reduces the sum once).
+ZERO1 = Agreement(loss_rtol=1e-6, grad_norm_rtol=1e-6, weight_atol=1e-6, weight_move_ratio=None)
 REFERENCE = {
+    "zero1_bf16": (DEFAULT, ZERO1),
     "zero2_offload_bf16": (DEFAULT, OFFLOAD),
     "zero3_offload_bf16": ("zero3_bf16", OFFLOAD),
     "zero3_bf16": (DEFAULT, ZERO3),
