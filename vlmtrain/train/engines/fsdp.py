@@ -300,16 +300,16 @@ class FSDPEngine(Engine):
         put back when the norm is not finite, so a skipped step leaves them bitwise unchanged. AdamW's step
         counts and the schedule live on the host; `settle` winds them back once the trainer has read the norm,
         before the next step. Cost per optimizer step: a copy of the trainable shards and both moments (12
-        bytes per trainable parameter / shard ranks: 0.9B on 64 GPUs, 170 MB) and two elementwise passes over
+        bytes per trainable parameter / shard ranks: 0.9B on 64 GPUs, 170 MB) and a few elementwise passes over
         them, against a second blocking read per step (which stalls the queue behind the whole backward).
         """
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         before = []
-        for p in params:
-            state = self.optimizer.state[p]
-            before.append(
-                [_local(p).clone(), *(_local(state[k]).clone() if k in state else None for k in ADAM_MOMENTS)]
-            )
+        with torch.no_grad():
+            for p in params:
+                state = self.optimizer.state[p]
+                moments = (_local(state[k]).clone() if k in state else None for k in ADAM_MOMENTS)
+                before.append([_local(p).clone(), *moments])
         self.optimizer.step()
         self.scheduler.step()
         self._stepped = [self.optimizer.state[p] for p in params]
