@@ -166,7 +166,8 @@ class HostReadMeter(TorchDispatchMode):
         """Reads inside are not counted (code shown read-free elsewhere, or host work by design)."""
         self._paused += 1
         try:
-            with _disable_current_modes():  # off the dispatch stack too: forward and backward run at full speed
+            # off the dispatch stack too: forward and backward run at full speed
+            with _disable_current_modes():
                 yield
         finally:
             self._paused -= 1
