@@ -37,7 +37,7 @@ from vlmtrain.config import MODULE_GROUPS, ConfigError, load_stage_config
 from vlmtrain.dist import DistContext
 
 DEFAULT = "zero2_bf16"  # covered by test_train_e2e / test_train_resume
-OTHERS = ("zero2_offload_bf16", "zero3_bf16", "zero3_offload_bf16")
+OTHERS = ("zero1_bf16", "zero2_offload_bf16", "zero3_bf16", "zero3_offload_bf16")
 # The resumed run restarts from the last periodic checkpoint (step 8 of 12; the run keeps steps 8 and 12).
 RESUME_FROM = 8
 
@@ -141,7 +141,11 @@ OFFLOAD = Agreement(loss_rtol=1e-6, grad_norm_rtol=1e-6, weight_atol=1e-6, weigh
 # where the layouts round less, so the bounds hold with room while a summed-not-averaged gradient still
 # fails them by 2x.)
 ZERO3 = Agreement(loss_rtol=1e-3, grad_norm_rtol=1e-2, weight_atol=None, weight_move_ratio=0.1)
+# ZeRO-1 against ZeRO-2: the same fp32 gradient sum, taken in another order (ZeRO-2 reduces each micro-batch's
+# gradient and adds the reduced ones; ZeRO-1 adds them on each rank and reduces the sum once).
+ZERO1 = Agreement(loss_rtol=1e-6, grad_norm_rtol=1e-6, weight_atol=1e-6, weight_move_ratio=None)
 REFERENCE = {
+    "zero1_bf16": (DEFAULT, ZERO1),
     "zero2_offload_bf16": (DEFAULT, OFFLOAD),
     "zero3_offload_bf16": ("zero3_bf16", OFFLOAD),
     "zero3_bf16": (DEFAULT, ZERO3),
@@ -213,8 +217,7 @@ def test_shipped_configs_resolve(name):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"stage": 1}, r"zero_optimization\.stage=1 is not supported .* zero2_bf16 \(default\)"),
-        ({"stage": 0}, r"zero_optimization\.stage=0 is not supported"),
+        ({"stage": 0}, r"zero_optimization\.stage=0 is not supported .* zero2_bf16 \(default\)"),
         (
             {"offload_optimizer": {"device": "nvme", "nvme_path": "/local"}},
             r"zero_optimization\.offload_optimizer\.device='nvme' is not supported .* zero2_offload_bf16",
@@ -255,10 +258,10 @@ def test_run_stages_refuses_an_unverified_config_before_any_stage_trains(tmp_pat
     from vlmtrain.train.run import run_stages
 
     ds = shipped_ds_config(DEFAULT)
-    ds["zero_optimization"]["stage"] = 1
+    ds["zero_optimization"]["stage"] = 0
     good = load_stage_config(stage=0)
     bad = stage_with(tmp_path, ds)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=1 is not supported"):
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=0 is not supported"):
         run_stages([good, bad], tmp_path / "run", ctx)
     assert not (tmp_path / "run").exists()

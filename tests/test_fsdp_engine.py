@@ -187,7 +187,7 @@ def test_nonfinite_window_is_skipped_on_optimizer_and_schedule(tokenizer, tiny_m
     stage = stage_config(2, tiny_model_config)
     model = build(stage, tokenizer, tiny_model_config)
     engine = make_engine(stage, model)
-    micro = batches(model, 4)
+    micro = batches(model, 6)
     before = engine.gather_state()
     lrs = engine.group_lrs()
     first = engine.forward(micro[0], stage.mask.mode).loss_sum
@@ -195,14 +195,35 @@ def test_nonfinite_window_is_skipped_on_optimizer_and_schedule(tokenizer, tiny_m
     assert not engine.step().boundary
     run = run_engine(engine, micro[1:2], stage.mask.mode)[0]
     assert run.boundary and run.skipped and run.grad_norm is None
+    # The skip was decided on the device (no host read); the trainer tells the engine once it has read the
+    # norm, and the host-side counters go back.
+    engine.settle(run.skipped)
     after = engine.gather_state()
     for name in before.params:
         assert torch.equal(before.params[name], after.params[name]), name
     assert engine.scheduler.last_epoch == 0 and engine.group_lrs() == lrs
-    assert not engine.optimizer.state and all(p.grad is None for p in engine.module.parameters())
-    good = run_engine(engine, micro[2:], stage.mask.mode)[-1]
+    # AdamW's state exists now, as it is before any step: step 0, zero moments (what a fresh state holds).
+    assert after.optimizer_steps == 0 and all(p.grad is None for p in engine.module.parameters())
+    for state in engine.optimizer.state.values():
+        assert float(state["step"]) == 0
+        assert not state["exp_avg"].to_local().any() and not state["exp_avg_sq"].to_local().any()
+    good = run_engine(engine, micro[2:4], stage.mask.mode)[-1]
     assert good.boundary and not good.skipped and good.grad_norm > 0
-    assert engine.gather_state().optimizer_steps == 1 and engine.scheduler.last_epoch == 1
+    engine.settle(good.skipped)
+    applied = engine.gather_state()
+    assert applied.optimizer_steps == 1 and engine.scheduler.last_epoch == 1
+    # A skip after an applied step: weights and both moments bitwise as they were, the counts wound back.
+    lrs = engine.group_lrs()
+    engine.backward(engine.forward(micro[4], stage.mask.mode).loss_sum * float("inf"), 10)
+    assert not engine.step().boundary
+    bad = run_engine(engine, micro[5:6], stage.mask.mode)[0]
+    engine.settle(bad.skipped)
+    assert bad.skipped and engine.scheduler.last_epoch == 1 and engine.group_lrs() == lrs
+    again = engine.gather_state()
+    assert again.optimizer_steps == 1
+    for field in ("params", "exp_avg", "exp_avg_sq"):
+        for name, value in getattr(applied, field).items():
+            assert torch.equal(getattr(again, field)[name], value), (field, name)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
-"""The training hot path needs no device-to-host sync but the logged loss.
+"""The training hot path needs no device-to-host sync but the step sync (one per optimizer step).
 
 On the `meta` device every operation whose result would have to be read back on the host (`.item()`,
 `nonzero`, a boolean index: anything data-dependent) raises, so a forward and backward that run there make
-no such sync on a GPU either. The engines' own non-finite checks are theirs and not covered here.
+no such sync on a GPU either. The engines' own update paths are counted in tests/test_step_sync.py.
 """
 
 from __future__ import annotations
@@ -72,27 +72,36 @@ class MetaEngine:
     def step(self) -> StepResult:
         self.micro += 1
         boundary = self.micro % self.accumulation_steps == 0
-        return StepResult(boundary=boundary, grad_norm=1.0 if boundary else None)
+        return StepResult(boundary=boundary, norm=torch.ones((), device=META) if boundary else None)
 
 
 @pytest.mark.parametrize("stage_index", [0, 2])
 def test_a_training_step_reads_the_device_once(tmp_path, tokenizer, tiny_model, monkeypatch, stage_index):
-    """Stage 0 (bidirectional, CPU-side noise) and stage 2 (prefix, all trains): the trainer's step makes one
-    host read, the logged loss."""
+    """Stage 0 (bidirectional, CPU-side noise) and stage 2 (prefix, all trains): a step's only read is its step
+    sync before the first forward, which also carries the previous step's loss and norm (left on the device)."""
     stage = stage_config_from_dict(json.loads(shipped_stage_path(stage_index).read_text()))
     model = tiny_model.train()
     apply_trainability(model, stage.modules)
     size = model.vision.config.image_size
     raws = []
-    for i in range(2):
+    for i in range(4):
         batch = collate(make_samples(model, 3, seed=i), "pad", 0, size)
         raws.append({**batch, "num_tokens": torch.tensor(int((batch["sample_ids"] > 0).sum()))})
     model.to(META)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=META)
-    trainer = Trainer(stage, tmp_path, ctx, model, tokenizer, lambda state: [], total_steps=1)
-    reads = []
-    monkeypatch.setattr(trainer_module, "read_for_log", lambda t: reads.append(t.device) or 0.0)
-    info = trainer.train_step(MetaEngine(model), iter(raws), step=0)
-    assert reads == [META]
-    n = sum(len(supervised_index(r["labels"], r["sample_ids"])) for r in raws)
-    assert info["label_tokens"] == n and info["samples"] == 6
+    trainer = Trainer(stage, tmp_path, ctx, model, tokenizer, lambda state: [], total_steps=2)
+    syncs: list[torch.Tensor | None] = []
+
+    def world_of_one_sync(host, carried):  # what step_sync returns in a world of one, without reading META
+        syncs.append(carried)
+        return list(host) + [0.0] * (0 if carried is None else carried.numel())
+
+    monkeypatch.setattr(trainer_module, "step_sync", world_of_one_sync)
+    engine, batches = MetaEngine(model), iter(raws)
+    first = trainer.open_step(engine, batches, step=0)
+    carried = trainer.run_step(engine, first, step=0)  # on META: any host read in it would raise
+    assert syncs == [None] and carried.device == META and carried.shape == (2,)
+    second = trainer.open_step(engine, batches, step=1, carried=carried)
+    assert len(syncs) == 2 and syncs[1] is carried and len(second.previous) == 2
+    n = sum(len(supervised_index(r["labels"], r["sample_ids"])) for r in raws[:2])
+    assert first.label_tokens == n and first.samples == 6 and first.n_micro == 2

@@ -89,6 +89,23 @@ def sum_over_ranks(values: list[float], device: torch.device | None = None) -> l
     return t.tolist()
 
 
+def step_sync(host: list[float], carried: torch.Tensor | None) -> list[float]:
+    """The training loop's one blocking device-to-host read of an optimizer step.
+
+    `host` (counts, flags: values the CPU already has) and `carried` (float device values not yet read: the
+    previous step's loss sum and gradient norm) go into one float64 tensor, summed over ranks in one
+    all-reduce and read back once. In a world of one without carried values nothing touches the device.
+    """
+    t = torch.tensor(host, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to(_comm_device(), non_blocking=True)
+    if carried is not None:
+        t = torch.cat([t.to(carried.device), carried.to(torch.float64)])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     if not dist.is_initialized():

@@ -264,30 +264,70 @@ its 8 GPUs. NCCL's ring reaches about 80% of these in practice: the estimate is 
 DEFAULT_INTERCONNECT = "ib-ndr"
 
 
+ENGINE_CONFIGS = ("zero2", "zero1", "fsdp")
+"""The engine configs `plan` counts traffic for: DeepSpeed with ds_configs/zero2_bf16.json (the default) and
+zero1_bf16.json, and the FSDP2 engine (train.engine=fsdp)."""
+STEP_SYNC_VALUES = 9
+"""float64 values of the trainer's one all-reduce per step (vlmtrain.dist.step_sync): 7 counts and flags, the
+previous step's loss sum and gradient norm; a token budget adds one per possible micro-batch count."""
+
+
 @dataclass(frozen=True)
 class Communication:
-    """Bytes and time of one optimizer step's collectives under DeepSpeed ZeRO-2 (vlmtrain's default engine)."""
+    """Bytes and time of one optimizer step's collectives under one engine config (payload: a collective's full
+    buffer, e.g. the whole gradient a reduce-scatter reduces; benchmarks/bench_comm.py measures the same)."""
 
-    reduce_bytes: int  # fp32 gradients reduce-scattered: every trainable parameter, once per micro-batch
-    gather_bytes: int  # bf16 updated parameters all-gathered after the optimizer step
+    reduce_bytes: int  # fp32 gradients reduced (reduce-scattered or all-reduced)
+    gather_bytes: int  # bf16 parameters all-gathered (after the update, or FSDP's per-unit gathers)
     wire_bytes: int  # what each GPU sends (a ring collective of S bytes over n GPUs sends S (n - 1) / n)
     link: str  # the interconnect the time is for
     seconds: float  # wire_bytes at the link's nominal bandwidth
+    step_sync_bytes: int = 0  # the trainer's per-step all-reduce: negligible, not in wire_bytes
+    config: str = "zero2"
 
 
-def step_communication(trainable: int, accumulation: int, gpus: int, interconnect: str) -> Communication:
-    """ZeRO-2's traffic per optimizer step: DeepSpeed reduces (reduce-scatters) the fp32 gradient of every trainable
-    parameter at the end of each micro-batch's backward, so `accumulation` times per step, and all-gathers the
-    updated bf16 parameters once. On one GPU nothing is sent. Within one node (at most GPUS_PER_NODE GPUs) the
-    link is NVLink, beyond it `interconnect`."""
+def step_communication(
+    trainable: int,
+    accumulation: int,
+    gpus: int,
+    interconnect: str,
+    engine: str = "zero2",
+    block_trainable: int = 0,
+    histogram: int = 0,
+) -> Communication:
+    """One optimizer step's traffic under `engine` (one of ENGINE_CONFIGS). On one GPU nothing is sent. Within one
+    node (at most GPUS_PER_NODE GPUs) the link is NVLink, beyond it `interconnect`.
+
+    - zero2: DeepSpeed reduces the fp32 gradient of every trainable parameter at the end of each micro-batch's
+      backward (`accumulation` times per step) and all-gathers the updated bf16 parameters once.
+    - zero1: gradients are reduced once, at the window's last micro-batch; the same all-gather.
+    - fsdp: gradients are reduce-scattered once (`set_requires_gradient_sync` holds them unsharded until the
+      window's last micro-batch); every micro-batch all-gathers the bf16 weights of each unit, the root unit
+      once (it stays gathered for backward) and each transformer block twice (forward, and again in backward):
+      2 x (trainable + block_trainable) x accumulation bytes. Frozen groups are replicated, never gathered.
+    """
     if interconnect not in INTERCONNECTS:
         raise ValueError(f"--interconnect {interconnect!r} is not one of {sorted(INTERCONNECTS)}")
-    reduce_bytes = FP32 * trainable * accumulation
-    gather_bytes = BF16 * trainable
+    if engine not in ENGINE_CONFIGS:
+        raise ValueError(f"engine config {engine!r} is not one of {ENGINE_CONFIGS}")
+    reduce_bytes = FP32 * trainable * (accumulation if engine == "zero2" else 1)
+    if engine == "fsdp":
+        gather_bytes = BF16 * (trainable + block_trainable) * accumulation
+    else:
+        gather_bytes = BF16 * trainable
     link = "nvlink" if gpus <= GPUS_PER_NODE else interconnect
     name, gb_per_s = INTERCONNECTS[link]
     wire = (reduce_bytes + gather_bytes) * (gpus - 1) // gpus
-    return Communication(reduce_bytes, gather_bytes, wire, name, wire / (gb_per_s * 1e9))
+    sync = 8 * (STEP_SYNC_VALUES + histogram) if gpus > 1 else 0
+    return Communication(reduce_bytes, gather_bytes, wire, name, wire / (gb_per_s * 1e9), sync, engine)
+
+
+def engine_config(stage: StageConfig) -> str:
+    """The ENGINE_CONFIGS entry a stage trains with: FSDP, DeepSpeed ZeRO-1, else ZeRO-2's count (ZeRO-3 and the
+    offload configs are not modelled: they move at least ZeRO-2's bytes)."""
+    if stage.train.engine == "fsdp":
+        return "fsdp"
+    return "zero1" if Path(stage.train.ds_config).stem == "zero1_bf16" else "zero2"
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
@@ -324,7 +364,8 @@ class StagePlan:
     memory: Memory
     samples_per_gpu: int  # the GPU's share of the global batch
     micro_batch: int  # samples per forward (batch.micro_batch_size, `auto` resolved)
-    communication: Communication  # per optimizer step
+    communication: Communication  # per optimizer step, under the stage's own engine config
+    communication_by_config: dict[str, Communication]  # per optimizer step, under each of ENGINE_CONFIGS
     compute_seconds: float  # model FLOPs of one optimizer step / (GPUs x peak x MFU)
     recompute: RecomputeChoice | None = None  # `gradient_checkpointing: auto`'s choice (None: true / false)
 
@@ -523,6 +564,15 @@ def stage_shapes(stage: StageConfig, model: ModelConfig) -> StageShapes:
     )
 
 
+def block_trainable(vlm: Any) -> int:
+    """Trainable parameters inside the towers' transformer blocks: FSDP's per-block units, gathered twice per
+    micro-batch (the rest sits in the root unit, gathered once)."""
+    from vlmtrain.train.engines.fsdp import transformer_blocks
+
+    blocks = [b for g in ("vision", "language") for b in transformer_blocks(vlm, g)]
+    return sum(p.numel() for b in blocks for p in b.parameters() if p.requires_grad)
+
+
 def memory_per_gpu(
     stage: StageConfig, shapes: StageShapes, gpus: int, micro: int, supervised_share: float = 1.0
 ) -> Memory:
@@ -687,7 +737,14 @@ def plan_stage(
         }
     )
     gpu_hours = flops.model / (mfu * peak_tflops * 1e12) / 3600
-    comm = step_communication(shapes.trainable, accumulation, gpus, interconnect)
+    histogram = stage.batch.global_batch_size // gpus if stage.data.token_budget is not None else 0
+    by_config = {
+        e: step_communication(
+            shapes.trainable, accumulation, gpus, interconnect, e, block_trainable(shapes.vlm), histogram
+        )
+        for e in ENGINE_CONFIGS
+    }
+    comm = by_config[engine_config(stage)]
     return StagePlan(
         name=stage.name,
         dataset=stage.data.dataset,
@@ -707,6 +764,7 @@ def plan_stage(
         samples_per_gpu=stage.batch.global_batch_size // gpus,
         micro_batch=micro,
         communication=comm,
+        communication_by_config=by_config,
         compute_seconds=per_step.model / (gpus * mfu * peak_tflops * 1e12),
         recompute=recompute,
     )
@@ -834,8 +892,9 @@ def plan_tables(plans: Sequence[StagePlan], gpus: int, gpu: str, peak: float, mf
             _gib(m.total),
         )
     link = plans[0].communication.link if plans else ""
+    engines = {p.communication.config for p in plans}
     step = _table(
-        f"per optimizer step on {gpus} GPU(s), ZeRO-2 collectives over {link}",
+        f"per optimizer step on {gpus} GPU(s), {'/'.join(sorted(engines))} collectives over {link}",
         STEP_COLUMNS,
     )
     for p in plans:
@@ -851,7 +910,23 @@ def plan_tables(plans: Sequence[StagePlan], gpus: int, gpu: str, peak: float, mf
             f"{p.compute_seconds:.3f}",
             "communication" if p.communication_bound else "compute",
         )
-    return [compute, memory, step]
+    configs = _table(
+        f"communication per optimizer step on {gpus} GPU(s) by engine config, over {link} "
+        "(zero2: reduce every micro-batch; zero1 and fsdp: once per step)",
+        ("stage", "config", "reduce GB", "all-gather GB", "sent/GPU GB", "comm s", "bound by"),
+    )
+    for p in plans:
+        for name, c in p.communication_by_config.items():
+            configs.add_row(
+                p.name,
+                name + (" (this stage's)" if c.config == p.communication.config else ""),
+                f"{c.reduce_bytes / 1e9:.2f}",
+                f"{c.gather_bytes / 1e9:.2f}",
+                f"{c.wire_bytes / 1e9:.2f}",
+                f"{c.seconds:.3f}",
+                "communication" if c.seconds > p.compute_seconds else "compute",
+            )
+    return [compute, memory, step, configs]
 
 
 def plan_warnings(plans: Sequence[StagePlan]) -> list[str]:

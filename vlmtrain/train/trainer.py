@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from vlmtrain.config.load import STAGE_CONFIG_NAME, stage_config_to_dict
 from vlmtrain.config.schema import StageConfig
 from vlmtrain.data.collate import MODEL_KEYS
 from vlmtrain.data.stream import merge_data_faults
-from vlmtrain.dist import DistContext, any_rank, barrier, gather_objects, sum_over_ranks
+from vlmtrain.dist import DistContext, barrier, gather_objects, step_sync
 from vlmtrain.durable import fsync_tree, replace_durably, write_text_durably
 from vlmtrain.logging import MetricsWriter, WandbSink, console_for, loss_curve, plot_loss_curves
 from vlmtrain.models.compile import apply_compile
@@ -43,6 +44,7 @@ from vlmtrain.train.engines import Engine, make_engine
 from vlmtrain.train.flops import FlopCount, StepFlopModel, resolve_peak_tflops, throughput
 from vlmtrain.train.optim import build_param_groups
 from vlmtrain.train.plan import auto_recompute
+from vlmtrain.train.step_timer import StepTimer, peak_memory_gib
 from vlmtrain.train.validation import Validator
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the SLURM scripts requeue the job on this status
@@ -109,14 +111,35 @@ LoaderFactory = Callable[
 Fault = Callable[[int, int, torch.Tensor], torch.Tensor]  # (step, micro, loss) -> loss; tests inject NaNs
 
 
-def read_for_log(value: torch.Tensor) -> float:
-    """The training loop's one device-to-host read per optimizer step: the step's loss, for the log.
+@dataclass
+class OpenStep:
+    """A step's CPU micro-batches, taken from the loader, and what the step sync returned for them."""
 
-    Everything else a step needs on the host (token counts, supervised positions, noise, FLOPs) comes from
-    the CPU batches; the engines' own non-finite check is theirs (FSDP reads the gradient norm, DeepSpeed
-    its overflow flag and norm).
-    """
-    return float(value)
+    raws: list[dict[str, Any]]
+    indices: list[torch.Tensor]  # each micro-batch's supervised positions, computed on the CPU
+    n_micro: int  # micro-batches every rank runs
+    label_tokens: int  # supervised tokens of the step, all ranks: each micro-batch's loss weight
+    tokens: int
+    samples: int
+    positions: int  # row positions (padding included) of the step's data micro-batches, all ranks
+    model_flops: float
+    hardware_flops: float
+    preempt: bool  # some rank was asked to stop: finish this step, checkpoint, exit
+    # the carried values (the previous step's loss sum and grad norm), summed over ranks
+    previous: list[float]
+    timer: StepTimer
+
+
+@dataclass
+class PendingStep:
+    """A run step whose device values are not read yet: the next step sync (or a flush) reads `carried`."""
+
+    step: int  # optimizer steps done, this one included
+    carried: torch.Tensor  # [this rank's loss sum, the grad norm on rank 0 (0 elsewhere)], on the device
+    opened: OpenStep
+    lrs: dict[str, float]
+    seconds: float  # host wall time of the step
+    peak_gib: float | None
 
 
 def stable_seed(*parts: object) -> int:
@@ -233,19 +256,30 @@ class Trainer:
         )
         return {**raw, "input_ids": noisy}
 
-    def train_step(self, engine: Engine, batches: Iterator[dict[str, Any]], step: int) -> dict[str, Any]:
-        """One optimizer step: its micro-batches, then the engine's (possibly skipped) update.
+    def open_step(
+        self,
+        engine: Engine,
+        batches: Iterator[dict[str, Any]],
+        step: int,
+        carried: torch.Tensor | None = None,
+        preempt: bool = False,
+    ) -> OpenStep:
+        """Take the step's micro-batches and make the step's one blocking device-to-host read.
 
         Fixed batches: `accumulation_steps` micro-batches of `micro_batch_size`. Token budget: one step group
         (the rank's share of the global batch in budget micro-batches); every rank runs the most any rank has,
         the shorter ones adding blank micro-batches (no label: no loss, no gradient).
 
-        The step's micro-batches are taken from the loader first (they are CPU tensors: 16 micro-batches of 8
-        at 224 px hold 77 MB of pixels), so the step's supervised-token count is known, summed over ranks in
-        one all-reduce, before the first forward: every micro-batch's loss sum is then weighted by it and the
-        optimizer sees the token mean of the whole step. The logged loss is that same token mean.
+        The micro-batches are CPU tensors (16 micro-batches of 8 at 224 px hold 77 MB of pixels), so the
+        step's counts are known before the first forward. One all-reduce of one small tensor (step_sync) sums
+        over ranks: the supervised-token count (every micro-batch's loss sum is weighted by it, so the optimizer
+        sees the token mean of the whole step), the other counts and FLOPs, each rank's micro-batch histogram
+        (token budget), the preemption flag, and `carried`: the previous step's loss sum and gradient norm,
+        device values read here, one step late, instead of in a read of their own.
         """
-        raws = self._step_batches(engine, batches)
+        timer = StepTimer(self.ctx.device)
+        with timer.span("data"):
+            raws = self._step_batches(engine, batches)
         indices = [supervised_index(r["labels"], r["sample_ids"]) for r in raws]  # on the CPU
         flops = self._step_flops(raws)
         local = [
@@ -255,42 +289,89 @@ class Trainer:
             sum(r["input_ids"].numel() for r in raws),  # row positions, padding included
             flops.model,
             flops.hardware,
+            1.0 if preempt else 0.0,
         ]
-        # FLOPs and the micro-batch counts ride on the count's all-reduce (float64: exact to 2^53 FLOPs per step)
-        reduced = sum_over_ranks([float(v) for v in local] + self._count_histogram(len(raws)))
-        *counts, model_flops, hardware_flops = reduced[: len(local)]
+        # float64: FLOPs exact to 2^53 per step
+        with timer.span("comm"):
+            reduced = step_sync([float(v) for v in local] + self._count_histogram(len(raws)), carried)
+        *counts, model_flops, hardware_flops, preempts = reduced[: len(local)]
         label_tokens, tokens, samples, positions = (int(v) for v in counts)
-        n_micro = self._step_micro_count(len(raws), reduced[len(local) :])
-        engine.begin_step(n_micro)
+        n_histogram = len(reduced) - len(local) - (0 if carried is None else carried.numel())
+        histogram = reduced[len(local) : len(local) + n_histogram]
+        return OpenStep(
+            raws=raws,
+            indices=indices,
+            n_micro=self._step_micro_count(len(raws), histogram),
+            label_tokens=label_tokens,
+            tokens=tokens,
+            samples=samples,
+            positions=positions,
+            model_flops=model_flops,
+            hardware_flops=hardware_flops,
+            preempt=preempts > 0,
+            previous=reduced[len(local) + n_histogram :],
+            timer=timer,
+        )
+
+    def run_step(self, engine: Engine, opened: OpenStep, step: int) -> torch.Tensor:
+        """The step's micro-batches, then the engine's (possibly skipped) update; no host read.
+
+        Returns what the next step sync reads: [this rank's loss sum, the gradient norm on rank 0 and 0 on the
+        others] (the norm is the same on every rank; the sum over ranks then holds it once).
+        """
+        timer = opened.timer
+        engine.begin_step(opened.n_micro)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         result = None
-        for micro in range(n_micro):
-            if micro < len(raws):
-                batch = self._to_device(self.noisy_inputs(raws[micro], step, micro), indices[micro])
-            else:  # this rank's share fit fewer micro-batches: a stand-in forward, nothing supervised
-                batch = engine.blank_batch()
-            out = engine.forward(batch, self.stage.mask.mode)
-            loss = out.loss_sum if self.fault is None else self.fault(step, micro, out.loss_sum)
-            engine.backward(loss, label_tokens)
-            result = engine.step()
-            loss_sum += loss.detach()
-        assert result is not None and result.boundary, (
+        for micro in range(opened.n_micro):
+            with timer.span("fwd_bwd"):
+                if micro < len(opened.raws):
+                    raw = self.noisy_inputs(opened.raws[micro], step, micro)
+                    batch = self._to_device(raw, opened.indices[micro])
+                else:  # this rank's share fit fewer micro-batches: a stand-in forward, nothing supervised
+                    batch = engine.blank_batch()
+                out = engine.forward(batch, self.stage.mask.mode)
+                loss = out.loss_sum if self.fault is None else self.fault(step, micro, out.loss_sum)
+                engine.backward(loss, opened.label_tokens)
+                loss_sum += loss.detach()
+            last = micro + 1 == opened.n_micro
+            with timer.span("optim" if last else "fwd_bwd"):
+                result = engine.step()
+        assert result is not None and result.boundary and result.norm is not None, (
             "micro-batch count and the engine's accumulation disagree"
         )
-        (total,) = sum_over_ranks([read_for_log(loss_sum)])
+        norm = result.norm.to(torch.float32)
+        # The step's record waits one step for its read; its CPU batches (77 MB of pixels at 16 x 8 x 224 px)
+        # need not wait with it.
+        opened.raws, opened.indices = [], []
+        return torch.stack([loss_sum, norm if self.ctx.is_main else torch.zeros_like(norm)])
+
+    def step_info(self, opened: OpenStep, values: list[float]) -> dict[str, Any]:
+        """A run step's figures, given its carried values read back ([loss sum, grad norm] over ranks)."""
+        loss_total, norm = values
+        skipped = not math.isfinite(norm)
         return {
-            "loss": total / label_tokens if label_tokens else float("nan"),
-            "tokens": tokens,
-            "samples": samples,
-            "label_tokens": label_tokens,
-            "micro_batches": n_micro,
+            "loss": loss_total / opened.label_tokens if opened.label_tokens else float("nan"),
+            "tokens": opened.tokens,
+            "samples": opened.samples,
+            "label_tokens": opened.label_tokens,
+            "micro_batches": opened.n_micro,
             # padded row positions / all row positions of the step's data micro-batches, over ranks
-            "padding_fraction": 1.0 - tokens / positions if positions else 0.0,
-            "skipped": result.skipped,
-            "grad_norm": result.grad_norm,
-            "model_flops": model_flops,  # the step's, over all ranks (vlmtrain.train.flops)
-            "hardware_flops": hardware_flops,
+            "padding_fraction": 1.0 - opened.tokens / opened.positions if opened.positions else 0.0,
+            "skipped": skipped,
+            "grad_norm": None if skipped else norm,
+            "model_flops": opened.model_flops,  # the step's, over all ranks (vlmtrain.train.flops)
+            "hardware_flops": opened.hardware_flops,
         }
+
+    def train_step(self, engine: Engine, batches: Iterator[dict[str, Any]], step: int) -> dict[str, Any]:
+        """One whole optimizer step read back at once (two reads: for tools and tests; `fit` reads its steps'
+        values one step late, with the next step's counts, in one read per step)."""
+        opened = self.open_step(engine, batches, step)
+        values = step_sync([], self.run_step(engine, opened, step))
+        info = self.step_info(opened, values)
+        engine.settle(info["skipped"])
+        return info
 
     def _step_batches(self, engine: Engine, batches: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
         """This rank's CPU micro-batches of the step: one step group's (token budget) or a fixed count's."""
@@ -489,54 +570,58 @@ class Trainer:
         if owns_handler:
             preempt.install()
         step = start
+        pending: PendingStep | None = None
         try:
             with self._progress() as progress:
                 task = progress.add_task(stage.name, total=self.total_steps, completed=start, info="")
+
+                def settle(values: list[float]) -> None:
+                    """Write the pending step's record once its device values are read (one step late)."""
+                    nonlocal pending
+                    assert pending is not None
+                    done, pending = pending, None
+                    record = self._record(engine, done, values, counters, peak)
+                    if done.step % stage.train.log_every == 0 or done.step == self.total_steps:
+                        # data_skipped (by reason) and corrupt_shards of the whole job, not rank 0's alone
+                        metrics.write({**record, **merge_data_faults(gather_objects(loader.data_faults()))})
+                    progress.update(task, completed=done.step, info=self._info(record))
+                    if counters["bad_streak"] >= stage.train.max_bad_steps:
+                        raise TooManyBadSteps(
+                            f"{stage.name}: {counters['bad_streak']} non-finite steps in a row at step {done.step} "
+                            f"(limit train.max_bad_steps={stage.train.max_bad_steps}); lower the LR or check the data"
+                        )
+
+                def flush() -> None:
+                    """Read the pending step now (an extra read: before a checkpoint, an exit, the end)."""
+                    if pending is not None:
+                        settle(step_sync([], pending.carried))
+
                 t_last = time.perf_counter()
                 while step < self.total_steps:
-                    if any_rank(preempt.requested, self.ctx.device):
-                        path = self._save(writer, engine, loader, step, counters)
-                        self.console.print(
-                            f"[yellow]preempted[/]: checkpoint {path}; exit {PREEMPTED_EXIT_CODE}"
-                        )
-                        raise Preempted(path)
+                    carried = None if pending is None else pending.carried
+                    opened = self.open_step(engine, batches, step, carried, preempt.requested)
+                    if pending is not None:
+                        settle(opened.previous)  # before this step's update: FSDP winds back a skipped one
                     lrs = engine.group_lrs()
                     if step == start:
                         lr_rows = self._lr_rows(engine)
                         self.console.print(self._lr_table(lr_rows))
                         metrics.table("lr_readback", ("group", "lr now", "peak (config)"), lr_rows)
-                    info = self.train_step(engine, batches, step)
+                    carried = self.run_step(engine, opened, step)
                     step += 1
                     now = time.perf_counter()
                     dt, t_last = now - t_last, now
-                    if info["skipped"]:
-                        counters["skipped_nonfinite"] += 1
-                        counters["bad_streak"] += 1
-                    else:
-                        counters["bad_streak"] = 0
-                    record = {
-                        "step": step,
-                        "loss": info["loss"],
-                        "lr": lrs,
-                        "grad_norm": info["grad_norm"],
-                        "skipped": info["skipped"],
-                        "skipped_nonfinite_total": counters["skipped_nonfinite"],
-                        "tokens": info["tokens"],
-                        "samples": info["samples"],
-                        "micro_batches": info["micro_batches"],
-                        "padding_fraction": info["padding_fraction"],
-                        "tokens_per_s": info["tokens"] / dt,
-                        "samples_per_s": info["samples"] / dt,
-                        "step_time_s": dt,
-                        **throughput(
-                            info["model_flops"], info["hardware_flops"], dt, self.ctx.world_size, peak
-                        ),
-                    }
-                    if step % stage.train.log_every == 0 or step == self.total_steps:
-                        # data_skipped (by reason) and corrupt_shards of the whole job, not rank 0's alone
-                        metrics.write({**record, **merge_data_faults(gather_objects(loader.data_faults()))})
-                    progress.update(task, completed=step, info=self._info(record))
+                    peak_gib = peak_memory_gib(self.ctx.device)
+                    pending = PendingStep(step, carried, opened, lrs, dt, peak_gib)
+                    if opened.preempt and step < self.total_steps:
+                        flush()
+                        path = self._save(writer, engine, loader, step, counters)
+                        self.console.print(
+                            f"[yellow]preempted[/]: checkpoint {path}; exit {PREEMPTED_EXIT_CODE}"
+                        )
+                        raise Preempted(path)
                     if self.validator is not None and self.validator.due(step, self.total_steps):
+                        flush()  # the step's record first, as the log reads
                         # collective: all ranks validate in lockstep
                         val = self.validator.run(engine, step, self.total_steps)
                         lmms = val.pop("lmms", None)
@@ -547,18 +632,15 @@ class Trainer:
                             f"{stage.name} step {step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step")
                         )
-                    if counters["bad_streak"] >= stage.train.max_bad_steps:
-                        raise TooManyBadSteps(
-                            f"{stage.name}: {counters['bad_streak']} non-finite steps in a row at step {step} "
-                            f"(limit train.max_bad_steps={stage.train.max_bad_steps}); lower the LR or check the data"
-                        )
                     writer.poll()  # completes an asynchronous save once every rank has written its part
                     if (
                         stage.train.save_every
                         and step % stage.train.save_every == 0
                         and step < self.total_steps
                     ):
+                        flush()  # the checkpoint's counters and the FSDP schedule must know this step
                         self._save(writer, engine, loader, step, counters, wait=False)
+                flush()
             self._save(writer, engine, loader, step, counters)
             out = self._write_output(engine, frozen)
         finally:
@@ -576,6 +658,42 @@ class Trainer:
                 f"{stage.name} training loss",
             )
         return StageResult(out, step, counters["skipped_nonfinite"], metrics.path, latest)
+
+    def _record(
+        self,
+        engine: Engine,
+        done: PendingStep,
+        values: list[float],
+        counters: dict[str, int],
+        peak: float | None,
+    ) -> dict[str, Any]:
+        """A step's metrics record, its device values read back; settles the engine and the skip counters."""
+        info = self.step_info(done.opened, values)
+        engine.settle(info["skipped"])
+        if info["skipped"]:
+            counters["skipped_nonfinite"] += 1
+            counters["bad_streak"] += 1
+        else:
+            counters["bad_streak"] = 0
+        dt = done.seconds
+        return {
+            "step": done.step,
+            "loss": info["loss"],
+            "lr": done.lrs,
+            "grad_norm": info["grad_norm"],
+            "skipped": info["skipped"],
+            "skipped_nonfinite_total": counters["skipped_nonfinite"],
+            "tokens": info["tokens"],
+            "samples": info["samples"],
+            "micro_batches": info["micro_batches"],
+            "padding_fraction": info["padding_fraction"],
+            "tokens_per_s": info["tokens"] / dt,
+            "samples_per_s": info["samples"] / dt,
+            "step_time_s": dt,
+            **done.opened.timer.seconds(),  # CUDA events: the device is past this step after the read
+            "mem/peak_gib": done.peak_gib,
+            **throughput(info["model_flops"], info["hardware_flops"], dt, self.ctx.world_size, peak),
+        }
 
     def _progress(self) -> Progress:
         return Progress(

@@ -5,6 +5,7 @@ own part of the state for sharded checkpoints (`local_pieces` / `load_pieces`), 
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,8 +28,21 @@ class StepResult:
     """What `Engine.step` did at the end of a micro-batch."""
 
     boundary: bool  # an optimizer step was due (end of the accumulation window)
-    skipped: bool = False  # the step was due but not applied: a non-finite gradient on some rank
-    grad_norm: float | None = None
+    norm: torch.Tensor | None = None
+    """At a boundary: the global L2 norm of the window's gradients before clipping, a device scalar left unread
+    (the trainer reads it with the next step's counts, in vlmtrain.dist.step_sync). Both engines apply a step
+    only when its norm is finite: a non-finite norm (a NaN/Inf gradient on some rank) means it was skipped."""
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The norm read on the host (a device sync: for tests and tools, not the loop); None when skipped."""
+        value = None if self.norm is None else float(self.norm)
+        return value if value is not None and math.isfinite(value) else None
+
+    @property
+    def skipped(self) -> bool:
+        """The step was due but not applied (reads the norm: a device sync)."""
+        return self.norm is not None and not math.isfinite(float(self.norm))
 
 
 @dataclass
@@ -97,6 +111,12 @@ class Engine(ABC):
     @abstractmethod
     def step(self) -> StepResult:
         """Call after every micro-batch's backward; applies the optimizer at accumulation boundaries."""
+
+    @abstractmethod
+    def settle(self, skipped: bool) -> None:
+        """The trainer read the last boundary's norm (with the next step's counts) and says whether that step
+        was skipped; call before the next optimizer step. An engine that skips on the device (FSDP) puts its
+        host-side counters back here (LR schedule, AdamW's step counts); DeepSpeed skips on the host itself."""
 
     @abstractmethod
     def group_lrs(self) -> dict[str, float]:

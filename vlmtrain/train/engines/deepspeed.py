@@ -107,6 +107,7 @@ class DeepSpeedEngine(Engine):
         self.specs = specs
         self.precision = PrecisionPolicy.for_precision(stage.train.precision)
         self.config = resolve_ds_config(stage, ctx.world_size)
+        self.config_source = stage.train.ds_config
         self.accumulation_steps = self.config["gradient_accumulation_steps"]
         # DeepSpeed casts the model to bf16 before it builds its fp32 masters from it; keep the incoming fp32
         # values so the masters start exact rather than bf16-rounded (matters for chained stages).
@@ -174,10 +175,22 @@ class DeepSpeedEngine(Engine):
         self._set_boundary()
         if not boundary:
             return StepResult(boundary=False)
-        skipped = self.engine.skipped_steps > skipped_before
+        # DeepSpeed decides a skip on the host inside its step (its bf16 overflow check reads an all-reduced
+        # flag, and it tests the norm for NaN/Inf: device syncs of its own); the norm itself is left unread.
         norm = self.engine.get_global_grad_norm()
-        norm_value = float(norm) if norm is not None else None
-        return StepResult(boundary=True, skipped=skipped, grad_norm=None if skipped else norm_value)
+        if self.engine.skipped_steps > skipped_before:
+            norm = float("inf")  # skipped: what the trainer reads as "not applied"
+        elif norm is None:
+            raise RuntimeError(
+                "DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm=false in "
+                f"{self.config_source}?); the trainer logs it and detects skipped steps by it: remove that key"
+            )
+        return StepResult(
+            boundary=True, norm=torch.as_tensor(norm, dtype=torch.float32, device=self.ctx.device)
+        )
+
+    def settle(self, skipped: bool) -> None:
+        """Nothing to wind back: DeepSpeed decided the skip on the host and left its schedule and moments alone."""
 
     def group_lrs(self) -> dict[str, float]:
         return {g["name"]: float(g["lr"]) for g in self.ds_optimizer.param_groups}
@@ -326,22 +339,23 @@ def refresh_zero3_compute_params(optimizer: Any) -> None:
     optimizer.checkpoint_event_epilogue()
 
 
-SUPPORTED_ZERO_STAGES = (2, 3)
-SHIPPED_CONFIGS = "zero2_bf16 (default), zero2_offload_bf16, zero3_bf16, zero3_offload_bf16"
+SUPPORTED_ZERO_STAGES = (1, 2, 3)
+SHIPPED_CONFIGS = "zero2_bf16 (default), zero1_bf16, zero2_offload_bf16, zero3_bf16, zero3_offload_bf16"
 
 
 def check_supported(cfg: dict[str, Any], path: Path, stage: StageConfig, world_size: int) -> None:
     """Refuse a DeepSpeed config vlmtrain has not verified to train, checkpoint and resume exactly.
 
-    Verified (tests/test_ds_configs.py): ZeRO-2 and ZeRO-3, each with and without CPU offload. ZeRO-0/1
-    and NVMe offload are untested paths of DeepSpeed's optimizers and of this engine's state handling.
+    Verified (tests/test_ds_configs.py): ZeRO-1 (zero1_bf16), ZeRO-2 and ZeRO-3, each of the last two with and
+    without CPU offload. ZeRO-0 and NVMe offload are untested paths of DeepSpeed's optimizers and of this
+    engine's state handling.
     """
     zero = cfg.get("zero_optimization", {})
     level = zero.get("stage", 0)
     if level not in SUPPORTED_ZERO_STAGES:
         raise ConfigError(
             f"{path}: zero_optimization.stage={level} is not supported (vlmtrain trains, checkpoints and "
-            f"resumes ZeRO stages 2 and 3); set train.ds_config to one of {SHIPPED_CONFIGS}"
+            f"resumes ZeRO stages 1, 2 and 3); set train.ds_config to one of {SHIPPED_CONFIGS}"
         )
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")

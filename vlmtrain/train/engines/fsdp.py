@@ -11,7 +11,13 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
   FSDP averages over ranks, so both engines apply the token-mean gradient of the whole global batch.
   Gradients are reduced only on the last micro-batch of a window (`set_requires_gradient_sync`).
 - The global gradient norm is reduced over ranks, so a non-finite gradient on any rank is seen by all:
-  the step is skipped (optimizer and LR schedule), gradients are zeroed, `skipped=True`.
+  the step is skipped without a host read (the update is undone on the device, `_apply_if_finite`), the
+  gradients are zeroed, and `settle` winds AdamW's step counts and the LR schedule back once the trainer has
+  read the norm with the next step's counts (one blocking read per step in all: vlmtrain.dist.step_sync).
+- Memory: `set_requires_gradient_sync(False)` keeps every unit's gradient unsharded, in fp32 (the reduce
+  dtype), until the window's last micro-batch: 4 bytes x trainable parameters per GPU (0.9B: 3.6 GB, against
+  3.6 GB / ranks sharded) for the whole accumulation window, in exchange for one reduce-scatter per step
+  instead of one per micro-batch.
 - `train.fsdp.replicate_over_nodes` shards within each node and replicates across nodes (HSDP, a 2D mesh):
   the per-block all-gathers and reduce-scatters stay inside a node, and one all-reduce of each node's gradient
   shards per step crosses the network. Per step and GPU at 0.9B trainable parameters on N nodes of 8: flat
@@ -28,7 +34,6 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -190,6 +195,7 @@ class FSDPEngine(Engine):
         self.optimizer = make_optimizer(self.specs, stage.optim)
         self.scheduler = make_scheduler(self.optimizer, self.specs, total_steps, stage.optim)
         self._micro = 0  # micro-batches done in the current accumulation window
+        self._stepped: list[dict[str, Any]] = []  # AdamW states the last boundary stepped (settle winds back)
         self._window = self.accumulation_steps  # micro-batches of the open step (begin_step)
         self._blank_image = needs_image_path(self.module)
 
@@ -272,16 +278,13 @@ class FSDPEngine(Engine):
             return StepResult(boundary=False)
         self._micro = 0
         norm = self._clip_gradients()
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(boundary=True, skipped=True, grad_norm=None)
-        self.optimizer.step()
-        self.scheduler.step()
+        self._apply_if_finite(torch.isfinite(norm))
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(boundary=True, skipped=False, grad_norm=norm)
+        return StepResult(boundary=True, norm=norm)
 
-    def _clip_gradients(self) -> float:
-        """Global L2 norm of the gradients (before clipping), identical on every rank; clips if finite."""
+    def _clip_gradients(self) -> torch.Tensor:
+        """Global L2 norm of the gradients (before clipping), identical on every rank, left on the device; the
+        gradients are clipped by it. A non-finite norm turns them into zeros or NaNs: that update is undone."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
@@ -289,10 +292,45 @@ class FSDPEngine(Engine):
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # the sum over every rank's shards: one value everywhere
-        value = float(norm)
-        if math.isfinite(value) and self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
-        return value
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # tensor math: no host read
+        return norm
+
+    def _apply_if_finite(self, finite: torch.Tensor) -> None:
+        """The optimizer and LR-schedule step, kept only where `finite` (a device bool): no host read.
+
+        What the update writes on the device (the parameter shards, AdamW's two moments) is copied first and
+        put back when the norm is not finite, so a skipped step leaves them bitwise unchanged. AdamW's step
+        counts and the schedule live on the host; `settle` winds them back once the trainer has read the norm,
+        before the next step. Cost per optimizer step: a copy of the trainable shards and both moments (12
+        bytes per trainable parameter / shard ranks: 0.9B on 64 GPUs, 170 MB) and a few elementwise passes over
+        them, against a second blocking read per step (which stalls the queue behind the whole backward).
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        before = []
+        with torch.no_grad():
+            for p in params:
+                state = self.optimizer.state[p]
+                moments = (_local(state[k]).clone() if k in state else None for k in ADAM_MOMENTS)
+                before.append([_local(p).clone(), *moments])
+        self.optimizer.step()
+        self.scheduler.step()
+        self._stepped = [self.optimizer.state[p] for p in params]
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                written = [p, *(self.optimizer.state[p][k] for k in ADAM_MOMENTS)]
+                for t, prev in zip(written, old, strict=True):
+                    local = _local(t)
+                    # A moment this step created (the first ever) goes back to AdamW's fresh zeros.
+                    kept = prev if prev is not None else torch.zeros_like(local)
+                    local.copy_(torch.where(finite, local, kept))
+
+    def settle(self, skipped: bool) -> None:
+        if skipped:
+            for state in self._stepped:
+                state["step"] -= 1  # the undone update was not an AdamW step: bias correction stays put
+            self._restore_schedule(self.scheduler.last_epoch - 1)
+        self._stepped = []
 
     def group_lrs(self) -> dict[str, float]:
         return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
@@ -392,6 +430,14 @@ class FSDPEngine(Engine):
             for g, spec in zip(self.optimizer.param_groups, self.specs, strict=True)
         ]
         return {"state": per_param, "param_groups": groups}
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the same storage: writing it writes the DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def dtensor_flat_range(t: DTensor) -> tuple[int, int, bool]:
