@@ -34,6 +34,7 @@ It keeps the DeepSpeed engine's contract, so the trainer, the checkpoints and th
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
