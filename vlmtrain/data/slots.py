@@ -2,8 +2,9 @@
 
 A rank's DataLoader workers are *slots* (slot id = rank * workers_per_rank + role). Epoch e orders all shards
 by a permutation seeded by (seed, e) and deals them to slots round-robin; an epoch interrupted and resumed on
-another world size is re-dealt so the slots' remaining samples balance. A shard's samples are visited in a
-permutation seeded by (seed, e, shard name). The resume state counts, per epoch and shard, the samples that
+another world size is re-dealt (redeal_epochs): below the shard when every size is known, so each new slot owes
+the same number of samples within one. A shard's samples are visited in a permutation seeded by (seed, e, shard
+name). The resume state counts, per epoch and shard, the samples that
 reached the trainer; every rank's state merges into one that any world size resumes from. Pure functions of
 their arguments (vlmtrain.data.order's PRNG), so they never change with a numpy or Python upgrade.
 """
@@ -189,6 +190,78 @@ def redeal(
         left = {n: max(0, known.get(n, typical) - done.get(n, 0)) for n in order}
         out[epoch] = balanced_slots(order, left, slots)
     return out
+
+
+def redeal_epochs(
+    names: Sequence[str],
+    consumed: Mapping[int, Mapping[str, int]],
+    known: Mapping[str, int],
+    seed: int,
+    shuffle: bool,
+    num_slots: int,
+    split: bool,
+) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, tuple[int, int]]]]:
+    """Every epoch a saved run had started, dealt to ``num_slots`` slots (the world size changed): (epoch ->
+    shard -> slot for epochs dealt in whole shards, epoch -> unit key -> (slot, end) for epochs dealt in units).
+
+    Whole shards cannot balance what the old slots left: each had read a different share of its open shards, so
+    new slots would get different remainders, and one that ran dry first would start the next epoch while the
+    others still read this one; the trainer's steps would then read some samples twice and others not in the
+    same stretch of steps (2 -> 4 ranks over 4 shards did). So with every size known (a manifest, or sizes the
+    saved state recorded) the rest is dealt below the shard, each slot within one sample of the others; whole
+    shards balanced by what is left (``redeal``) remain only for sources whose sizes are unknown. ``split``:
+    fresh epochs are dealt in units (``splits_shards``), so resumed ones must be too.
+    """
+    sizes_known = all(n in known for n in names)
+    by_units = {
+        e: done
+        for e, done in consumed.items()
+        if any(done.values()) and (sizes_known or split or any(key_start(k)[1] for k in done))
+    }
+    shard_level = {e: done for e, done in consumed.items() if e not in by_units}
+    if by_units and not sizes_known:
+        missing = [n for n in names if n not in known]
+        raise ValueError(
+            f"resuming an epoch read below the shard on {num_slots} slots needs every shard's sample count; "
+            f"{len(missing)} are unknown (e.g. {missing[:3]}): train from the manifest"
+        )
+    sizes = [known[n] for n in names] if sizes_known else []
+    units = {e: redeal_units(names, sizes, done, seed, e, shuffle, num_slots) for e, done in by_units.items()}
+    return redeal(names, shard_level, known, seed, shuffle, num_slots), units
+
+
+def assigned_units(
+    names: Sequence[str],
+    sizes: Sequence[int | None],
+    num_slots: int,
+    slot: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+    split: bool,
+    dealt_slots: Mapping[int, Mapping[str, int]],
+    dealt_units: Mapping[int, Mapping[str, tuple[int, int]]],
+) -> list[Unit]:
+    """The units ``slot`` reads in ``epoch``, in the epoch's order: as re-dealt (``dealt_units`` below the shard,
+    ``dealt_slots`` whole shards; see ``redeal_epochs``) for epochs a world-size change re-dealt, else the fresh deal (in units when
+    ``split``, which needs every size, else whole shards round-robin)."""
+    order = shard_order(len(names), seed, epoch, shuffle)
+    stored = dealt_units.get(epoch)
+    if stored is not None:
+        index = {name: i for i, name in enumerate(names)}
+        place = {shard: at for at, shard in enumerate(order)}
+        units = []
+        for key, (owner, hi) in stored.items():
+            if owner == slot:
+                name, lo = key_start(key)
+                units.append(Unit(index[name], lo, hi, key))
+        return sorted(units, key=lambda u: (place[u.shard], u.lo))
+    dealt = dealt_slots.get(epoch)
+    if dealt is not None:
+        return [Unit(i, 0, None, names[i]) for i in order if dealt[names[i]] == slot]
+    if split:
+        return epoch_units(names, [int(n) for n in sizes], num_slots, seed, epoch, shuffle)[slot]  # type: ignore[arg-type]
+    return [Unit(i, 0, None, names[i]) for i in order[slot::num_slots]]
 
 
 def epoch_slots_json(epoch_slots: dict[int, dict[str, int]], slots: int) -> dict[str, Any]:

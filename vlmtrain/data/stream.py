@@ -46,19 +46,17 @@ from vlmtrain.data.slots import (  # noqa: F401  (re-exported: merge_states, mer
     DEFAULT_OPEN_SHARDS,
     STATE_VERSION,
     Unit,
+    assigned_units,
     balanced_slots,
     check_state,
     epoch_slots_json,
-    epoch_units,
     epoch_units_json,
     key_start,
     merge_data_faults,
     merge_states,
-    redeal,
-    redeal_units,
+    redeal_epochs,
     sample_order,
     shard_order,
-    slot_shards,
     splits_shards,
 )
 from vlmtrain.data.sources import (  # noqa: F401  (re-exported: the names callers used before the split)
@@ -227,25 +225,11 @@ class ShardStream(IterableDataset):
 
     def assigned(self, slot: int, epoch: int) -> list[Unit]:
         """The units ``slot`` reads in ``epoch``, in the epoch's order (whole shards unless split)."""
-        order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
-        stored = self.epoch_units.get(epoch)
-        if stored is not None:
-            index = {name: i for i, name in enumerate(self.names)}
-            place = {shard: at for at, shard in enumerate(order)}
-            units = [
-                Unit(index[key_start(key)[0]], key_start(key)[1], hi, key)
-                for key, (owner, hi) in stored.items()
-                if owner == slot
-            ]
-            return sorted(units, key=lambda u: (place[u.shard], u.lo))
-        dealt = self.epoch_slots.get(epoch)
-        if dealt is not None:
-            return [Unit(i, 0, None, self.names[i]) for i in order if dealt[self.names[i]] == slot]
-        if self.split:
-            sizes = [int(s.samples) for s in self.shards]  # type: ignore[arg-type]  (split: all known)
-            return epoch_units(self.names, sizes, self.num_slots, self.seed, epoch, self.shuffle)[slot]
-        indices = slot_shards(len(self.shards), self.num_slots, slot, self.seed, epoch, self.shuffle)
-        return [Unit(i, 0, None, self.names[i]) for i in indices]
+        sizes = [s.samples for s in self.shards]
+        return assigned_units(
+            self.names, sizes, self.num_slots, slot, epoch, self.seed, self.shuffle, self.split,
+            self.epoch_slots, self.epoch_units,
+        )  # fmt: skip
 
     def __iter__(self) -> Generator[Batch, None, None]:
         info = get_worker_info()
@@ -307,9 +291,12 @@ class ShardStream(IterableDataset):
         epoch = 0
         while True:
             assigned = self.assigned(slot, epoch)
-            if not assigned:
+            # A re-dealt epoch may leave a slot nothing (it was finished, or fewer samples are left than slots):
+            # the slot goes on to the next epoch. Only a fresh deal that gives a slot nothing makes it idle.
+            redealt = epoch in self.epoch_units or epoch in self.epoch_slots
+            if not assigned and not redealt:
                 return  # an idle slot: fewer shards than slots
-            fresh = not any(self.consumed.get(epoch, {}).get(u.key) for u in assigned)
+            fresh = not redealt and not any(self.consumed.get(epoch, {}).get(u.key) for u in assigned)
             kept_before = kept[0]
             yield from self._epoch_samples(slot, epoch, assigned)
             if not self.resample:
@@ -630,26 +617,16 @@ class StreamLoader:
     # -- state ----------------------------------------------------------------------------------------
 
     def _redeal_all(self, slots: int) -> None:
-        """Deal every epoch the saved run had started to ``slots`` slots (the world size changed): below the
-        shard when this loader splits or the epoch already was, else whole shards balanced by what is left."""
-        names = [s.name for s in self.shards]
-        by_units = {
-            e: done
-            for e, done in self._consumed.items()
-            if any(done.values()) and (self._split or any(key_start(k)[1] for k in done))
-        }
-        shard_level = {e: done for e, done in self._consumed.items() if e not in by_units}
-        self._epoch_slots = redeal(names, shard_level, self._known, self.seed, self.shuffle, slots)
-        self._epoch_units = {}
-        for epoch, done in by_units.items():
-            missing = [n for n in names if n not in self._known]
-            if missing:
-                raise ValueError(
-                    f"resuming an epoch read below the shard on {slots} slots needs every shard's sample count; "
-                    f"{len(missing)} are unknown (e.g. {missing[:3]}): train from the manifest"
-                )
-            sizes = [self._known[n] for n in names]
-            self._epoch_units[epoch] = redeal_units(names, sizes, done, self.seed, epoch, self.shuffle, slots)
+        """Deal every epoch the saved run had started to ``slots`` slots (the world size changed)."""
+        self._epoch_slots, self._epoch_units = redeal_epochs(
+            [s.name for s in self.shards],
+            self._consumed,
+            self._known,
+            self.seed,
+            self.shuffle,
+            slots,
+            self._split,
+        )
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason (SAMPLE_SKIP_REASONS), over the whole run including the loaded state."""
