@@ -54,6 +54,7 @@ PLAN_HEADERS = [
         "compute s",
         "bound by",
     ],
+    ["stage", "config", "reduce GB", "all-gather GB", "sent/GPU GB", "comm s", "bound by"],
 ]
 STAGES_HEADERS = ["stage", "vision", "projector", "language", "mask", "noise", "data", "init_from"]
 
@@ -131,12 +132,16 @@ def test_plan_to_a_pipe_prints_every_cell_whole(tmp_path):
     names = [p["name"] for p in PRESETS]
     assert names == ["stage0", "stage1", "stage2", "stage3"]
     body = [r for r in rows if r[0] != "stage"]
-    # compute table: one line per stage + total; memory and per-step tables: one line per stage; nothing folded
-    assert [r[0] for r in body] == [*names, "total", *names, *names]
+    # compute table: one line per stage + total; memory and per-step tables: one line per stage; traffic by
+    # engine config: one line per stage and config; nothing folded
+    by_config = [name for name in names for _ in ("zero2", "zero1", "fsdp")]
+    assert [r[0] for r in body] == [*names, "total", *names, *names, *by_config]
+    assert [r[1] for r in body[-12:]] == ["zero2 (this stage's)", "zero1", "fsdp"] * 4
     for row, preset in zip(body[:4], PRESETS, strict=True):
         assert row[1] == preset["data"]["dataset"]
         assert re.fullmatch(r"[\d,]+ \(paper\)", row[2]), row[2]  # not `118,…`
     widths = [len(PLAN_HEADERS[0])] * 5 + [len(PLAN_HEADERS[1])] * 4 + [len(PLAN_HEADERS[2])] * 4
+    widths += [len(PLAN_HEADERS[3])] * 12
     assert [len(r) for r in body] == widths
 
 
