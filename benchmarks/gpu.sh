@@ -2,7 +2,7 @@
 # The GPU figures in one command: the trainer itself (`vlmtrain train`, one rank) at real size, each stage's
 # preset and each variant toggled once (benchmarks/bench_trainer.py -> benchmarks/results/trainer_<device>.json),
 # then the CUDA-only tests (`pytest -m gpu`) whatever the benchmark's outcome. The benchmark stops itself
-# within its own time budget (--budget-s, default 450 s, setup included), so the tests always get their turn.
+# within its own time budget (--budget-s, default 360 s, setup included; the CUDA tests after it: ~1-2 min), so the tests always get their turn.
 # Where every test behind `auto` passed on CUDA, the tests' report records this torch in
 # vlmtrain/models/cuda_validated.json (commit it): `attn_backend: auto` then picks flex and `train.compile: auto`
 # compiles on CUDA with this torch (vlmtrain/models/cuda_validation.py).
