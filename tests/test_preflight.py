@@ -189,10 +189,15 @@ def test_ds_config_must_exist_parse_and_be_supported(tmp_path: Path, data: Train
     broken.write_text(text)
     (problem,) = pf.check_ds_config(stage(good_config(data, train__ds_config=str(broken))), 1)
     assert problem.message.startswith(f"{broken} is not valid JSON (line 1, column {len(text) + 1})")
-    zero1 = tmp_path / "zero1.json"
-    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    (problem,) = pf.check_ds_config(stage(good_config(data, train__ds_config=str(zero1))), 1)
-    assert "zero_optimization.stage=1 is not supported" in problem.message
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    (problem,) = pf.check_ds_config(stage(good_config(data, train__ds_config=str(zero0))), 1)
+    assert "zero_optimization.stage=0 is not supported" in problem.message
+    nvme = tmp_path / "nvme.json"
+    nvme.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}))
+    (problem,) = pf.check_ds_config(stage(good_config(data, train__ds_config=str(nvme))), 1)
+    assert "zero_optimization.offload_optimizer.device='nvme' is not supported" in problem.message
+    assert pf.check_ds_config(stage(good_config(data, train__ds_config="zero1_bf16")), 1) == []
     assert (
         pf.check_ds_config(stage(good_config(data, train__engine="fsdp", train__ds_config="nope")), 1) == []
     )
