@@ -438,7 +438,11 @@ def test_train_step_reports_the_flops_flop_counter_sees(tiny_model, tokenizer, t
 
         def step(self):
             self.micro += 1
-            return StepResult(boundary=self.micro == len(raws))
+            boundary = self.micro == len(raws)
+            return StepResult(boundary=boundary, norm=torch.ones(()) if boundary else None)
+
+        def settle(self, skipped):
+            assert not skipped
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     trainer = Trainer(stage, tmp_path, ctx, tiny_model, tokenizer, lambda s: None, total_steps=1)
